@@ -1,0 +1,19 @@
+"""audiogen: text-to-audio generation with AudioGen/MusicGen-style models, fast and at scale.
+
+    from audiogen import AudioGen
+    model = AudioGen.from_pretrained("path/to/checkpoint")   # audiocraft, transformers or audiogen format
+    clips = model.generate(["a dog barking in the rain"], duration=5.0, seed=1)
+"""
+
+from audiogen.config import AudioGenConfig
+from audiogen.engine import Engine, GenerationRequest, GenerationResult
+from audiogen.errors import (CheckpointError, InvalidConfigError, InvalidRequestError, MissingCheckpointFileError,
+                             QueueFullError, RequestCancelledError)
+from audiogen.model import AudioGen
+
+__all__ = [
+    "AudioGen", "AudioGenConfig", "CheckpointError", "Engine", "GenerationRequest", "GenerationResult",
+    "InvalidConfigError", "InvalidRequestError", "MissingCheckpointFileError", "QueueFullError",
+    "RequestCancelledError",
+]
+__version__ = "0.1.0"

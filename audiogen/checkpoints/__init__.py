@@ -1,0 +1,100 @@
+"""Checkpoint loading: every supported layout ends in the same native pieces (`LoadedCheckpoint`).
+
+Layouts, detected from the files present:
+- audiocraft: `state_dict.bin` + `compression_state_dict.bin` (facebook/audiogen-medium, facebook/musicgen-*);
+- transformers: a `MusicgenForConditionalGeneration.save_pretrained` directory (config.json model_type musicgen);
+- native: what `AudioGen.save_pretrained` writes (config.json with "format": "audiogen").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
+
+from audiogen.codec import Codec
+from audiogen.config import AudioGenConfig
+from audiogen.errors import CheckpointError, MissingCheckpointFileError
+
+
+@dataclass
+class LoadedCheckpoint:
+    config: AudioGenConfig
+    lm_state: dict[str, torch.Tensor]
+    text_proj_state: dict[str, torch.Tensor] | None
+    t5: T5EncoderModel
+    tokenizer: PreTrainedTokenizerBase
+    codec: Codec
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_layout(path: Path) -> str:
+    """'audiocraft', 'transformers' or 'native', from the files in `path`."""
+    if not path.exists():
+        raise MissingCheckpointFileError(f"checkpoint path {path} does not exist")
+    if path.is_file():
+        if path.name == "state_dict.bin":
+            return "audiocraft"
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory")
+    if (path / "state_dict.bin").exists():
+        return "audiocraft"
+    config_file = path / "config.json"
+    if config_file.exists():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+        if config.get("format") == "audiogen":
+            return "native"
+        if config.get("model_type") == "musicgen":
+            return "transformers"
+        raise CheckpointError(
+            f"{config_file} describes model_type={config.get('model_type')!r}, which is not supported: expected a "
+            f"MusicgenForConditionalGeneration directory (model_type 'musicgen') or an audiogen directory")
+    raise CheckpointError(
+        f"unknown checkpoint layout at {path}: expected audiocraft's state_dict.bin + compression_state_dict.bin, "
+        f"a transformers MusicGen directory (config.json + model.safetensors), or an audiogen save_pretrained "
+        f"directory (config.json with format 'audiogen'); found {sorted(p.name for p in path.iterdir())[:20]}")
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, text_encoder: str | os.PathLike[str] | None = None,
+                    codec: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
+    """Read any supported layout. `text_encoder` / `codec` override where the T5 / EnCodec come from."""
+    root = Path(path).expanduser()
+    layout = detect_layout(root)
+    if layout == "audiocraft":
+        from audiogen.checkpoints.audiocraft_model import load_audiocraft
+
+        loaded = load_audiocraft(root, text_encoder=text_encoder, codec=codec)
+    elif layout == "transformers":
+        from audiogen.checkpoints.hf import load_transformers_musicgen
+
+        loaded = load_transformers_musicgen(root, text_encoder=text_encoder)
+    else:
+        from audiogen.checkpoints.native import load_native
+
+        loaded = load_native(root, text_encoder=text_encoder)
+    loaded.source.setdefault("path", str(root))
+    loaded.source.setdefault("format", layout)
+    return loaded
+
+
+def describe_key_mismatch(missing: list[str], unexpected: list[str], limit: int = 20) -> str:
+    """A readable diff of state-dict keys for error messages."""
+
+    def listing(keys: list[str]) -> str:
+        keys = sorted(keys)
+        shown = ", ".join(keys[:limit])
+        return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+    return "; ".join(parts)

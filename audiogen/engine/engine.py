@@ -1,0 +1,262 @@
+"""The continuous-batching generation engine: the one place where audio is generated.
+
+A background thread runs iterations of: admit queued requests into free slots (text encoded once, in a batch;
+cross-attention keys/values stored once; known prefixes prefilled), one decoding step for every active slot,
+then retire finished slots (their codes go to the audio decoder thread) and refill them at the next iteration.
+Requests with different durations, seeds and sampling parameters share every step, so a short clip never waits
+for a long one and a new request never waits for a batch to drain (static batching does both).
+
+`AudioGen.generate*`, the batch renderer and the HTTP server all go through `submit`/`generate`/`stream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from audiogen.decoding import SlotBatch
+from audiogen.engine.audio import AudioDecoder
+from audiogen.engine.cpu import engine_threads
+from audiogen.engine.handle import GenerationResult, RequestHandle
+from audiogen.engine.memory import check_memory_budget
+from audiogen.engine.request import GenerationRequest, resolve_request
+from audiogen.engine.stats import EngineStats
+from audiogen.errors import EngineClosedError, InvalidConfigError, QueueFullError
+
+if TYPE_CHECKING:
+    from audiogen.model import AudioGen
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Iteration-level batching over a fixed set of decoding slots.
+
+    max_batch_slots: requests decoded at once (each uses two cache rows for classifier-free guidance).
+    max_steps_per_slot: KV-cache positions per slot; at least the model's window + delay tail.
+    max_queued_requests: bound of the waiting queue; `submit` raises `QueueFullError` beyond it.
+    stream_chunk_frames / stream_context_frames / stream_lookahead_frames: streaming granularity and overlap.
+    decode_audio: False returns codes only (for callers that decode elsewhere).
+    cpu_threads: intra-op threads of the engine thread on CPU (default: see `audiogen.engine.cpu`).
+    """
+
+    def __init__(self, model: "AudioGen", *, max_batch_slots: int = 16, max_steps_per_slot: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
+                 max_queued_requests: int = 1024, decode_audio: bool = True, stream_chunk_frames: int = 25,
+                 stream_context_frames: int = 50, stream_lookahead_frames: int = 4,
+                 memory_fraction: float = 0.9, cpu_threads: int | None = None) -> None:
+        config = model.config
+        if max_batch_slots < 1:
+            raise InvalidConfigError("max_batch_slots", f"must be >= 1 (got {max_batch_slots})")
+        steps = config.max_steps if max_steps_per_slot is None else max_steps_per_slot
+        if steps < config.max_steps:
+            raise InvalidConfigError(
+                "max_steps_per_slot", f"must be >= window_frames + max_delay = {config.max_steps} (got {steps})")
+        if max_queued_requests < 0:
+            raise InvalidConfigError("max_queued_requests", f"must be >= 0 (got {max_queued_requests})")
+        self.model = model
+        self.config = config
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        check_memory_budget(config, slots=max_batch_slots, steps=steps, device=self.device, dtype=self.dtype,
+                            fraction=memory_fraction)
+        model.to(device=self.device, lm_dtype=self.dtype)
+        if compile:
+            model.lm.compile_step()
+        self.batch = SlotBatch(model.lm, max_slots=max_batch_slots, max_frames=config.max_frames,
+                               device=self.device, dtype=self.dtype)
+        self.max_queued = max_queued_requests
+        self.decode_audio = decode_audio
+        self.stream_chunk = stream_chunk_frames
+        self.stream_context = stream_context_frames
+        self.stream_lookahead = stream_lookahead_frames
+        self.cpu_threads = cpu_threads or engine_threads()
+        self.stats = EngineStats(max_batch_slots)
+        self._queue: collections.deque[RequestHandle] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._audio = AudioDecoder(model.decode_codes, model.codec.hop_length, threaded=self.device.type != "cpu")
+        self._thread = threading.Thread(target=self._loop, name="audiogen-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, request: GenerationRequest, *, on_chunk: Any = None) -> RequestHandle:
+        """Validate and enqueue a request; returns immediately. `on_chunk(audio | None)` receives streamed
+        chunks from the audio thread (None ends the stream)."""
+        resolved = resolve_request(request, self.config)
+        self.model.text.token_ids([resolved.prompt], field="prompt")
+        if resolved.negative_prompt:
+            self.model.text.token_ids([resolved.negative_prompt], field="negative_prompt")
+        handle = RequestHandle(resolved, on_chunk)
+        with self._wake:
+            if self._closing:
+                raise EngineClosedError("engine is shut down")
+            if len(self._queue) >= self.max_queued:
+                self.stats.rejected += 1
+                raise QueueFullError(self.max_queued)
+            self._queue.append(handle)
+            self.stats.submitted += 1
+            self._wake.notify()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Cancel a request: dropped from the queue, or its slot freed at the next step."""
+        handle.cancel()
+        with self._wake:
+            if handle in self._queue:
+                self._queue.remove(handle)
+                self.stats.cancelled += 1
+                handle.fail_cancelled()
+            self._wake.notify()
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Await one clip; cancelling the awaiting task cancels the request."""
+        handle = self.submit(request)
+        try:
+            return await asyncio.wrap_future(handle.future)
+        except asyncio.CancelledError:
+            self.cancel(handle)
+            raise
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[np.ndarray]:
+        """Yield audio chunks [channels, samples] as frames settle; leaving the loop early cancels."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
+        handle = self.submit(request, on_chunk=lambda chunk: loop.call_soon_threadsafe(chunks.put_nowait, chunk))
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+            handle.result(timeout=0)  # re-raise a failure that ended the stream
+        finally:
+            if not handle.done():
+                self.cancel(handle)
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the loop; queued and running requests fail with `EngineClosedError`. No thread is left behind."""
+        with self._wake:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake.notify_all()
+        if wait:
+            self._thread.join()
+        self._audio.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)  # per-thread setting: the caller's thread keeps its own
+        try:
+            while self._iterate():
+                pass
+        except Exception as error:  # the loop must never die silently: fail everything it holds
+            log.exception("engine loop failed")
+            self._fail_all(error)
+        else:
+            self._fail_all(EngineClosedError("engine is shut down"))
+
+    def _iterate(self) -> bool:
+        with self._wake:
+            while not self._queue and self.batch.active == 0 and not self._closing:
+                self._wake.wait()
+            if self._closing:
+                return False
+            admitted = [self._queue.popleft() for _ in range(min(self.batch.free, len(self._queue)))]
+        if admitted:
+            self._admit(admitted)
+        self._drop_cancelled()
+        if self.batch.active == 0:
+            return True
+        started = time.perf_counter()
+        finished = self.batch.step()
+        self.stats.record_step(self.batch.active, time.perf_counter() - started)
+        done = [slot for slot in finished if self.batch.finish_window(slot)]
+        self._stream_settled(done)
+        for slot in sorted(done, reverse=True):
+            self._complete(slot)
+        if not self._audio.threaded:
+            self._audio.drain()
+        return True
+
+    def _admit(self, handles: list[RequestHandle]) -> None:
+        texts: list[str] = []
+        for handle in handles:
+            texts += [handle.request.prompt, handle.request.negative_prompt]
+        try:
+            text, mask = self.model.text(texts)
+        except Exception as error:  # e.g. a tokenizer failure: fail these requests, keep the engine
+            for handle in handles:
+                handle.fail(error)
+            return
+        now = time.perf_counter()
+        slots = self.batch.admit(handles, [h.request.slot_spec() for h in handles], text, mask)
+        for handle, slot in zip(handles, slots):
+            handle.slot = slot
+            handle.timings.admitted = now
+        self.stats.admitted += len(handles)
+
+    def _drop_cancelled(self) -> None:
+        for slot in sorted((h.slot for h in self.batch.owners if h.cancelled), reverse=True):
+            handle = self.batch.owners[slot]
+            self._release(slot)
+            self.stats.cancelled += 1
+            handle.fail_cancelled()
+
+    def _release(self, slot: int) -> None:
+        moved = self.batch.release(slot)
+        if moved is not None:
+            moved.slot = slot
+
+    def _stream_settled(self, done: list[int]) -> None:
+        for slot, handle in enumerate(self.batch.owners):
+            if handle.on_chunk is None or not self.decode_audio:
+                continue
+            total = self.batch.total_frames(slot)
+            settled = self.batch.settled_frames(slot)
+            end = total if slot in done else settled - self.stream_lookahead
+            if end - handle.streamed_frames < (1 if slot in done else self.stream_chunk):
+                continue
+            start = max(0, handle.streamed_frames - self.stream_context)
+            codes = self.batch.clip_codes(slot, frames=settled if slot not in done else total, start=start)
+            self._audio.chunk(handle, codes, handle.streamed_frames - start, end - handle.streamed_frames)
+            handle.streamed_frames = end
+
+    def _complete(self, slot: int) -> None:
+        handle: RequestHandle = self.batch.owners[slot]
+        codes = self.batch.clip_codes(slot)
+        self._release(slot)
+        self.stats.finished += 1
+        self.stats.audio_seconds += codes.shape[1] / self.config.frame_rate
+
+        def finish(audio: np.ndarray | None) -> None:
+            handle.finish(GenerationResult(handle.request, codes, audio, self.config.sample_rate, handle.timings))
+
+        if self.decode_audio:
+            self._audio.complete(handle, codes, finish)
+        else:
+            finish(None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._wake:
+            waiting = list(self._queue)
+            self._queue.clear()
+        for handle in waiting + list(self.batch.owners):
+            handle.fail(error)
+        self.batch.owners.clear()

@@ -1,0 +1,120 @@
+"""Request handles and results: what `Engine.submit` returns and what a finished request resolves to."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from audiogen.engine.request import ResolvedRequest
+from audiogen.errors import RequestCancelledError
+
+
+@dataclass
+class Timings:
+    """Monotonic timestamps (seconds) of a request's life, for latency metrics."""
+
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_chunk: float | None = None
+    finished: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        def since(t: float | None) -> float | None:
+            return None if t is None else t - self.submitted
+
+        return {"queue_s": since(self.admitted), "first_chunk_s": since(self.first_chunk),
+                "latency_s": since(self.finished)}
+
+
+@dataclass
+class GenerationResult:
+    """A finished clip: its codes, its audio (None when the engine does not decode), and how it was made."""
+
+    request: ResolvedRequest
+    codes: torch.Tensor  # [K, frames] on the CPU
+    audio: np.ndarray | None  # float32 [channels, samples]
+    sample_rate: int
+    timings: Timings
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def duration(self) -> float:
+        return 0.0 if self.audio is None else self.audio.shape[-1] / self.sample_rate
+
+
+ChunkCallback = Callable[[np.ndarray | None], None]
+
+
+class RequestHandle:
+    """A submitted request. `result()` blocks; `cancel()` frees its slot at the next engine step."""
+
+    def __init__(self, request: ResolvedRequest, on_chunk: ChunkCallback | None = None) -> None:
+        self.request = request
+        self.future: Future[GenerationResult] = Future()
+        self.timings = Timings()
+        self.on_chunk = on_chunk
+        self.streamed_frames = 0
+        self._cancelled = threading.Event()
+        self.slot: int | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self.future.result(timeout)
+
+    # ------------------------------------------------------------------ used by the engine threads
+    def finish(self, result: GenerationResult) -> None:
+        self.timings.finished = time.perf_counter()
+        if not self.future.done():
+            self.future.set_result(result)
+        self._end_stream()
+
+    def fail(self, error: BaseException) -> None:
+        self.timings.finished = time.perf_counter()
+        if not self.future.done():
+            self.future.set_exception(error)
+        self._end_stream()
+
+    def fail_cancelled(self) -> None:
+        self.fail(RequestCancelledError(f"request {self.request_id} was cancelled"))
+
+    def send_chunk(self, audio: np.ndarray) -> None:
+        if self.timings.first_chunk is None:
+            self.timings.first_chunk = time.perf_counter()
+        if self.on_chunk is not None:
+            self.on_chunk(audio)
+
+    def _end_stream(self) -> None:
+        if self.on_chunk is not None:
+            self.on_chunk(None)
+            self.on_chunk = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "slot": self.slot, "cancelled": self.cancelled,
+                "timings": self.timings.as_dict()}

@@ -1,0 +1,249 @@
+"""The transformer language model over EnCodec codebooks (AudioGen/MusicGen architecture).
+
+Pre-norm layers of causal self-attention, cross-attention to the projected text and a GELU feed-forward, over
+the sum of one embedding per codebook plus sinusoidal positions; one output head per codebook.
+
+Three entry points share the same layer code:
+- `forward`: the whole sequence at once (training, teacher-forced scoring);
+- `prefill`: the same over a known prefix, also writing its keys/values into rows of a `KVCache`;
+- `step`: one new position for each active cache row, each row at its own position (continuous batching).
+Cross-attention keys/values are computed once per request (`project_text`) and reused by every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audiogen.config import AudioGenConfig
+from audiogen.kv_cache import KVCache
+
+
+def sinusoidal_table(num_positions: int, dim: int, max_period: float) -> torch.Tensor:
+    """`cat(cos, sin)` positions with frequencies `max_period ** (-i / (dim/2 - 1))`, as audiocraft and
+    transformers' MusicGen compute them (same float32 operations, so logits match theirs closely)."""
+    half = dim // 2
+    scale = math.log(max_period) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.int64).float() * -scale)
+    phase = torch.arange(num_positions, dtype=torch.int64).float().unsqueeze(1) * freqs.unsqueeze(0)
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
+
+
+def text_attention_mask(text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key mask and output gate for cross-attention.
+
+    A row whose text is the null condition (empty prompt, CFG's unconditional branch) must contribute exactly
+    zero, as in audiocraft (its projected text is all zeros) and transformers (fully masked). A fully masked
+    softmax would be NaN, so such rows keep key 0 visible and are gated to zero instead.
+    """
+    has_text = text_mask.any(dim=-1)
+    keys = text_mask.clone()
+    keys[:, 0] |= ~has_text
+    return keys[:, None, None, :], has_text.to(torch.float32)[:, None, None]
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with one fused q/k/v projection (audiocraft's `in_proj_weight`)."""
+
+    def __init__(self, config: AudioGenConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.in_proj = nn.Linear(config.dim, 3 * config.dim, bias=config.bias_attn)
+        self.out_proj = nn.Linear(config.dim, config.dim, bias=config.bias_attn)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, length, _ = x.shape
+        qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rows: slice | None = None) -> torch.Tensor:
+        """Whole-sequence causal attention from position 0; optionally stores k/v into cache rows."""
+        q, k, v = self._split(x)
+        if cache is not None:
+            cache.write_prefix(layer, rows, k, v)
+        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int, positions: torch.Tensor, mask: torch.Tensor,
+             length: int) -> torch.Tensor:
+        """One position per row: write its k/v at the row's own position, attend to positions 0..pos."""
+        q, k, v = self._split(x)
+        keys, values = cache.write_step(layer, positions, k, v, length)
+        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+
+
+class CrossAttention(nn.Module):
+    """Attention from audio positions to the projected text; keys/values are computed once per request."""
+
+    def __init__(self, config: AudioGenConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.dim, bias=config.bias_attn)
+        self.kv_proj = nn.Linear(config.dim, 2 * config.dim, bias=config.bias_attn)
+        self.out_proj = nn.Linear(config.dim, config.dim, bias=config.bias_attn)
+
+    def project(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = text.shape
+        kv = self.kv_proj(text).view(batch, length, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gate: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, length, -1) * gate.to(out.dtype)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: AudioGenConfig) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(config.dim, config.ffn_dim, bias=config.bias_ff)
+        self.linear2 = nn.Linear(config.ffn_dim, config.dim, bias=config.bias_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """`x + SA(norm(x))`, `x + CA(norm(x), text)`, `x + FF(norm(x))` (audiocraft's norm_first layer)."""
+
+    def __init__(self, config: AudioGenConfig) -> None:
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.cross_attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.cross_attn = CrossAttention(config)
+        self.ffn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def _rest(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+              gate: torch.Tensor) -> torch.Tensor:
+        x = x + self.cross_attn(self.cross_attn_norm(x), text_kv[0], text_kv[1], mask, gate)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class LanguageModel(nn.Module):
+    """Predicts the next position's token of every codebook from the delay-interleaved token sequence."""
+
+    def __init__(self, config: AudioGenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.ModuleList(nn.Embedding(config.card + 1, config.dim) for _ in range(config.num_codebooks))
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.out_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.heads = nn.ModuleList(nn.Linear(config.dim, config.card, bias=False) for _ in range(config.num_codebooks))
+        self.register_buffer(
+            "positions", sinusoidal_table(config.max_steps, config.dim, config.positional_max_period), persistent=False
+        )
+
+    # ------------------------------------------------------------------ shared pieces
+    def _position_table(self, length: int) -> torch.Tensor:
+        if length > self.positions.shape[0]:
+            self.positions = sinusoidal_table(length, self.config.dim, self.config.positional_max_period).to(
+                self.positions.device)
+        return self.positions
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B, K, S] + positions [B, S] (or [S]) -> [B, S, dim]."""
+        x = self.embeddings[0](tokens[:, 0])
+        for k in range(1, len(self.embeddings)):
+            x = x + self.embeddings[k](tokens[:, k])
+        table = self._position_table(int(positions.max()) + 1)
+        return x + table[positions].to(x.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, dim] -> logits [B, K, S, card]."""
+        hidden = self.out_norm(hidden)
+        return torch.stack([head(hidden) for head in self.heads], dim=1)
+
+    def project_text(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer cross-attention keys/values [B, H, L, hd] for projected text [B, L, dim]."""
+        return [layer.cross_attn.project(text) for layer in self.layers]
+
+    # ------------------------------------------------------------------ whole sequences
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, K, S, card] for tokens [B, K, S] starting at position 0."""
+        return self._sequence(tokens, self.project_text(text), text_mask)
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, rows: slice) -> None:
+        """Run a known prefix (positions 0..S-1) for cache rows `rows`, whose text K/V are already stored,
+        only to write their self-attention keys/values: the next `step` continues at position S."""
+        self._hidden(tokens, cache.text_kv(rows), cache.text_mask[rows], cache=cache, rows=rows)
+
+    def _sequence(self, tokens: torch.Tensor, text_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                  text_mask: torch.Tensor) -> torch.Tensor:
+        return self.logits(self._hidden(tokens, text_kv, text_mask))
+
+    def _hidden(self, tokens: torch.Tensor, text_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                text_mask: torch.Tensor, cache: KVCache | None = None, rows: slice | None = None) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[-1], device=tokens.device)
+        x = self.embed(tokens, positions)
+        mask, gate = text_attention_mask(text_mask)
+        for index, layer in enumerate(self.layers):
+            x = x + layer.self_attn(layer.self_attn_norm(x), cache, index, rows)
+            x = layer._rest(x, text_kv[index], mask, gate)
+        return x
+
+    # ------------------------------------------------------------------ one step per row
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_rows: int,
+             length: int) -> torch.Tensor:
+        """Logits [R, K, card] for one new position per cache row 0..R-1.
+
+        tokens [R, K] are the inputs at each row's own position `positions [R]`; rows attend to their cached
+        positions 0..pos (`length` = max(pos) + 1 bounds the keys read, so early steps stay cheap).
+        """
+        x = self.embed(tokens[:, :, None], positions[:, None])
+        self_mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        text_mask, gate = text_attention_mask(cache.text_mask[:num_rows])
+        for index, layer in enumerate(self.layers):
+            x = x + layer.self_attn.step(layer.self_attn_norm(x), cache, index, positions, self_mask, length)
+            x = layer._rest(x, cache.text_kv_layer(index, num_rows), text_mask, gate)
+        return self.logits(x)[:, :, 0]
+
+    def compile_step(self) -> None:
+        """Compile `step` with `torch.compile` (dynamic shapes: the number of active rows and the attended
+        length change every step, so static specialisation would recompile constantly)."""
+        self.step = torch.compile(self.step, dynamic=True)  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ training from scratch
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """audiocraft's `gaussian` init with `current` depthwise scaling: truncated normal with
+        std = 1/sqrt(fan_in), divided by sqrt(2 * (layer + 1)) inside layer `layer`; zero biases; unit norms."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def init_linear(weight: torch.Tensor, depth: int | None) -> None:
+            std = 1.0 / math.sqrt(weight.shape[1])
+            if depth is not None:
+                std /= math.sqrt(2 * (depth + 1))
+            values = torch.empty(weight.shape, dtype=torch.float32)
+            nn.init.trunc_normal_(values, std=std, a=-3 * std, b=3 * std, generator=generator)
+            with torch.no_grad():
+                weight.copy_(values)
+
+        for emb in self.embeddings:
+            init_linear(emb.weight, None)
+        for head in self.heads:
+            init_linear(head.weight, None)
+        for depth, layer in enumerate(self.layers):
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    init_linear(module.weight, depth)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+        nn.init.ones_(self.out_norm.weight)
+        nn.init.zeros_(self.out_norm.bias)

@@ -1,0 +1,379 @@
+"""`AudioGen`: the user-facing model (text conditioner + LM + codec) and its Python API.
+
+Every generation method builds `GenerationRequest`s and runs them through the model's continuous-batching
+engine (created on first use), so the Python API, the batch renderer and the server share one code path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from audiogen.checkpoints import describe_key_mismatch, load_checkpoint
+from audiogen.codec import Codec
+from audiogen.config import AudioGenConfig
+from audiogen.engine import Engine, GenerationRequest, GenerationResult
+from audiogen.errors import CheckpointError, InvalidRequestError
+from audiogen.io import convert_audio
+from audiogen.lm import LanguageModel
+from audiogen.text import TextConditioner
+
+_LIVE_MODELS: "weakref.WeakSet[AudioGen]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_models() -> None:
+    for model in list(_LIVE_MODELS):
+        model.close()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class AudioGen:
+    """Text-to-audio (and text-to-music) generation with a delay-pattern LM over EnCodec tokens."""
+
+    def __init__(self, config: AudioGenConfig, lm: LanguageModel, text: TextConditioner, codec: Codec, *,
+                 source: dict[str, Any] | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if codec.sample_rate != config.sample_rate or codec.frame_rate != config.frame_rate:
+            raise CheckpointError(f"codec rate {codec.sample_rate} Hz / {codec.frame_rate} fps does not match the "
+                                  f"config's {config.sample_rate} Hz / {config.frame_rate} fps")
+        if codec.num_codebooks != config.num_codebooks or codec.card != config.card:
+            raise CheckpointError(f"codec has {codec.num_codebooks} x {codec.card} codes, the LM models "
+                                  f"{config.num_codebooks} x {config.card}")
+        self.config = config
+        self.lm = lm.eval()
+        self.text = text.eval()
+        self.codec = codec.eval()
+        self.source = dict(source or {})
+        self.device = torch.device("cpu")
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+        self.to(device=device or default_device(), lm_dtype=dtype)
+        _LIVE_MODELS.add(self)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], *, text_encoder: str | os.PathLike[str] | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        codec: str | os.PathLike[str] | None = None) -> "AudioGen":
+        """Load an audiocraft directory (state_dict.bin + compression_state_dict.bin), a transformers MusicGen
+        directory, or an audiogen directory. `text_encoder` overrides the T5 (a local directory or a name in the
+        Hugging Face cache); `codec` overrides the EnCodec of audiocraft checkpoints that only name one."""
+        loaded = load_checkpoint(path, text_encoder=text_encoder, codec=codec)
+        config = loaded.config
+        lm = LanguageModel(config)
+        result = lm.load_state_dict(loaded.lm_state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"LM weights from {path} do not match the model built from its config: "
+                                  f"{describe_key_mismatch(result.missing_keys, result.unexpected_keys)}")
+        text = TextConditioner(loaded.t5, loaded.tokenizer, dim=config.dim, max_tokens=config.max_text_tokens,
+                               project=loaded.text_proj_state is not None)
+        if loaded.text_proj_state is not None:
+            text.output_proj.load_state_dict(loaded.text_proj_state)
+        return cls(config, lm, text, loaded.codec, source=loaded.source, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the self-contained audiogen format (config.json, model.safetensors, text_encoder/, codec/)."""
+        from audiogen.checkpoints.native import save_native
+
+        proj = self.text.output_proj
+        return save_native(directory, config=self.config, lm_state=self.lm.state_dict(),
+                           text_proj_state=proj.state_dict() if isinstance(proj, torch.nn.Linear) else None,
+                           t5=self.text.t5, tokenizer=self.text.tokenizer, codec=self.codec, source=self.source)
+
+    def to(self, device: torch.device | str | None = None, lm_dtype: torch.dtype | None = None) -> "AudioGen":
+        """Move the model. The LM takes `lm_dtype` (default: float32 on CPU, bfloat16 on CUDA); T5 and the codec
+        always stay float32, as audiocraft runs them."""
+        device = torch.device(device) if device is not None else self.device
+        if lm_dtype is None:
+            lm_dtype = next(self.lm.parameters()).dtype if device == self.device else (
+                torch.float32 if device.type == "cpu" else torch.bfloat16)
+        if device.type == "cpu" and lm_dtype == torch.float16:
+            raise InvalidRequestError("dtype", "float16 is not supported on the CPU", limit="float32 or bfloat16")
+        self.lm.to(device=device, dtype=lm_dtype)
+        self.text.to(device=device, dtype=torch.float32)
+        self.codec.to(device=device, dtype=torch.float32)
+        self.device = device
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_rate(self) -> int:
+        return self.config.frame_rate
+
+    @property
+    def channels(self) -> int:
+        return self.codec.channels
+
+    # ------------------------------------------------------------------ the engine
+    @property
+    def engine(self) -> Engine:
+        """The model's own engine, created on first use (see `start_engine` to size it)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = Engine(self, max_batch_slots=16 if self.device.type == "cpu" else 64,
+                                      dtype=self.dtype)
+            return self._engine
+
+    def start_engine(self, **options: Any) -> Engine:
+        """(Re)create the model's engine with explicit options (max_batch_slots, dtype, compile, ...)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.shutdown()
+            self._engine = Engine(self, **options)
+            return self._engine
+
+    def close(self) -> None:
+        """Stop the engine threads (also done at interpreter exit)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.shutdown()
+                self._engine = None
+
+    def __enter__(self) -> "AudioGen":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: str | Sequence[str], *, duration: float = 5.0,
+                 negative_prompts: str | Sequence[str] | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
+                 seed: int | Sequence[int] | None = None) -> list[np.ndarray]:
+        """One clip per prompt, float32 [channels, samples] at `sample_rate`.
+
+        `seed` (int) gives prompt i the seed `seed + i`; a list gives each prompt its own. The same seed and
+        parameters reproduce a clip exactly, whatever else is generated at the same time.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InvalidRequestError("prompts", "no prompt given", limit="at least one prompt")
+        negatives = _per_prompt("negative_prompts", negative_prompts, len(prompts), str)
+        seeds = _seeds(seed, len(prompts))
+        requests = [GenerationRequest(prompt=p, negative_prompt=n, duration=duration, seed=s,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      guidance_scale=guidance_scale)
+                    for p, n, s in zip(prompts, negatives, seeds)]
+        return [result.audio for result in self.run(requests)]
+
+    def generate_audio(self, prompt: str, *, duration: float = 5.0, **options: Any) -> np.ndarray:
+        """One sound effect clip for one description."""
+        return self.generate([prompt], duration=duration, **options)[0]
+
+    def generate_music(self, prompt: str, *, duration: float = 10.0, **options: Any) -> np.ndarray:
+        """One music clip (MusicGen weights run in the same engine); longer default duration."""
+        return self.generate([prompt], duration=duration, **options)[0]
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Submit requests to the engine together and wait for all of them (results in request order)."""
+        engine = self.engine
+        handles = []
+        try:
+            for request in requests:
+                handles.append(engine.submit(request))
+            return [handle.result() for handle in handles]
+        except BaseException:
+            for handle in handles:
+                engine.cancel(handle)
+            raise
+
+    def continue_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, prompt: str | None = None, *,
+                       extension_seconds: float = 5.0, keep_original: bool = True, **options: Any) -> np.ndarray:
+        """Extend a recording: its codes are the forced prefix, the LM continues them for `extension_seconds`.
+
+        Returns input + extension at `sample_rate` of the model. With `keep_original`, the input itself is kept
+        and only the new part comes from the codec (joined with a one-frame crossfade); otherwise the whole
+        clip is the codec's resynthesis.
+        """
+        original = self._prepare_audio(audio, sample_rate)
+        hop = self.codec.hop_length
+        prefix_frames = original.shape[-1] // hop
+        if prefix_frames < 1:
+            raise InvalidRequestError("audio", "is shorter than one codec frame", limit=f">= {hop} samples")
+        original = original[:, :prefix_frames * hop]
+        available = self.config.max_duration - prefix_frames / self.frame_rate
+        if not (isinstance(extension_seconds, (int, float)) and 0 < extension_seconds <= available + 1e-9):
+            raise InvalidRequestError("extension_seconds", f"{extension_seconds!r} is out of range",
+                                      limit=f"0 < extension_seconds <= {available:.2f} s (max_duration minus input)")
+        codes = self.encode(original, self.sample_rate)
+        total = prefix_frames + int(round(extension_seconds * self.frame_rate))
+        result = self._run_one(GenerationRequest(prompt=prompt or "", duration=total / self.frame_rate,
+                                                 prefix_codes=codes, **options))
+        if not keep_original:
+            return result.audio
+        return _splice(original, result.audio, [(0, original.shape[-1])], fade=hop)
+
+    def inpaint_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
+                      prompt: str | None = None, *, keep_original: bool = True, **options: Any) -> np.ndarray:
+        """Regenerate the masked parts of a recording (`mask` per input sample, True = regenerate).
+
+        A frame is regenerated when any of its samples is masked; every other frame keeps its original codes
+        (teacher forcing), so the LM continues from the real context around each gap. With `keep_original`,
+        unmasked audio is the input itself and only the gaps come from the codec (short crossfades at edges).
+        """
+        mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
+        samples = _as_channels_first(audio).shape[-1]
+        if mask.ndim != 1 or mask.shape[0] != samples:
+            raise InvalidRequestError("mask", f"has shape {tuple(mask.shape)}", limit=f"one entry per input sample ({samples})")
+        if mask.dtype != np.bool_:
+            raise InvalidRequestError("mask", f"must be boolean, got {mask.dtype}")
+        if not mask.any():
+            raise InvalidRequestError("mask", "selects nothing to regenerate", limit="at least one True sample")
+        original = self._prepare_audio(audio, sample_rate)
+        hop = self.codec.hop_length
+        frames = -(-original.shape[-1] // hop)
+        times = (np.arange(samples) * (self.sample_rate / sample_rate)).astype(np.int64) // hop
+        frame_mask = np.zeros(frames, dtype=bool)
+        frame_mask[np.minimum(times[mask], frames - 1)] = True
+        padded = np.pad(original, ((0, 0), (0, frames * hop - original.shape[-1])))
+        codes = self.encode(padded, self.sample_rate)
+        result = self._run_one(GenerationRequest(prompt=prompt or "", inpaint_codes=codes,
+                                                 inpaint_mask=torch.from_numpy(frame_mask), **options))
+        generated = result.audio[:, :original.shape[-1]]
+        if not keep_original:
+            return generated
+        kept = _runs(~frame_mask)
+        return _splice(original, generated, [(a * hop, min(b * hop, original.shape[-1])) for a, b in kept],
+                       fade=min(hop, 160))
+
+    def _run_one(self, request: GenerationRequest) -> GenerationResult:
+        return self.run([request])[0]
+
+    # ------------------------------------------------------------------ codec
+    def _prepare_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray:
+        array = _as_channels_first(audio)
+        if array.shape[-1] == 0:
+            raise InvalidRequestError("audio", "is empty", limit="at least one sample")
+        if not np.isfinite(array).all():
+            raise InvalidRequestError("audio", "contains NaN or infinite samples", limit="finite samples")
+        if array.shape[0] not in (1, 2):
+            raise InvalidRequestError("audio", f"has {array.shape[0]} channels", limit="1 or 2 channels")
+        return convert_audio(array, sample_rate, self.sample_rate, self.channels)
+
+    def encode(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Waveform (any rate, mono/stereo, [samples] or [channels, samples]) -> codes [K, frames]."""
+        prepared = self._prepare_audio(audio, sample_rate)
+        with torch.inference_mode():
+            tensor = torch.from_numpy(prepared)[None].to(self.device)
+            return self.codec.encode(tensor)[0].cpu()
+
+    def decode(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Codes [K, frames] -> float32 audio [channels, frames * hop]."""
+        codes = torch.as_tensor(codes)
+        if codes.dim() != 2:
+            raise InvalidRequestError("codes", f"has shape {tuple(codes.shape)}", limit="[codebooks, frames]")
+        return self.decode_codes(codes[None])[0].cpu().numpy()
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Batched decode [B, K, T] -> [B, channels, T * hop] (the engine's audio thread calls this)."""
+        with torch.inference_mode():
+            return self.codec.decode(codes.to(self.device))
+
+    # ------------------------------------------------------------------ description
+    def metadata(self) -> dict[str, Any]:
+        """Sizes, parameter counts, rates, limits and where the weights came from."""
+        c = self.config
+
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        return {
+            "name": c.name, "source": self.source, "sample_rate": c.sample_rate, "frame_rate": c.frame_rate,
+            "channels": self.channels, "codebooks": c.num_codebooks, "card": c.card, "dim": c.dim,
+            "num_layers": c.num_layers, "num_heads": c.num_heads, "window_duration": c.window_duration,
+            "max_duration": c.max_duration, "extend_stride": c.extend_stride, "max_text_tokens": c.max_text_tokens,
+            "text_encoder": c.text_encoder,
+            "parameters": {"lm": count(self.lm), "text_projection": count(self.text.output_proj),
+                           "text_encoder": count(self.text.t5), "codec": count(self.codec)},
+            "defaults": {"duration": c.default_duration, "temperature": c.temperature, "top_k": c.top_k,
+                         "top_p": c.top_p, "guidance_scale": c.guidance_scale},
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "checksum": self.checksum(),
+        }
+
+    def checksum(self) -> str:
+        """sha256 over LM, text projection and codec weights (identifies the model in render metadata)."""
+        if getattr(self, "_checksum", None) is None:
+            digest = hashlib.sha256()
+            for prefix, module in (("lm.", self.lm), ("text_proj.", self.text.output_proj)):
+                for key, value in sorted(module.state_dict().items()):
+                    digest.update((prefix + key).encode())
+                    digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            digest.update(self.codec.checksum().encode())
+            self._checksum = digest.hexdigest()
+        return self._checksum
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _as_channels_first(audio: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InvalidRequestError("audio", f"must hold float samples, got {array.dtype}")
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise InvalidRequestError("audio", f"has shape {tuple(array.shape)}", limit="[samples] or [channels, samples]")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _per_prompt(field: str, value: Any, count: int, kind: type) -> list[Any]:
+    if value is None or isinstance(value, kind):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise InvalidRequestError(field, f"has {len(values)} entries for {count} prompts", limit=f"{count} entries")
+    return values
+
+
+def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int | None]:
+    if seed is None:
+        return [None] * count
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [int(seed) + i for i in range(count)]
+    return _per_prompt("seed", seed, count, int)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index runs where `flags` is True."""
+    padded = np.concatenate([[False], flags, [False]])
+    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _splice(original: np.ndarray, generated: np.ndarray, keep: list[tuple[int, int]], fade: int) -> np.ndarray:
+    """`generated`, with `original` pasted back over the `keep` spans and linear crossfades of `fade` samples
+    at inner span edges (so a kept recording joins the regenerated audio without clicks)."""
+    out = generated.copy()
+    total = out.shape[-1]
+    for start, stop in keep:
+        stop = min(stop, original.shape[-1])
+        weight = np.ones(stop - start, dtype=np.float32)
+        if start > 0:
+            n = min(fade, stop - start)
+            weight[:n] = np.linspace(0, 1, n, endpoint=False, dtype=np.float32)
+        if stop < total:
+            n = min(fade, stop - start)
+            weight[len(weight) - n:] = np.minimum(weight[len(weight) - n:],
+                                                  np.linspace(1, 0, n, endpoint=False, dtype=np.float32))
+        out[:, start:stop] = weight * original[:, start:stop] + (1 - weight) * out[:, start:stop]
+    return out

@@ -1,0 +1,1 @@
+"""Ray pipelines over the audiogen engine: batch rendering, serving, training, encoding."""
