@@ -12,6 +12,7 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ def default_device() -> torch.device:
 
 class AudioGen:
     """Text-to-audio (and text-to-music) generation with a delay-pattern LM over EnCodec tokens."""
+
+    backend = "torch"  # "onnx" for `from_onnx` models (audiogen.onnx.runtime.OnnxAudioGen)
 
     def __init__(self, config: AudioGenConfig, lm: LanguageModel, text: TextConditioner, codec: Codec, *,
                  source: dict[str, Any] | None = None, device: torch.device | str | None = None,
@@ -83,6 +86,15 @@ class AudioGen:
         if loaded.text_proj_state is not None:
             text.output_proj.load_state_dict(loaded.text_proj_state)
         return cls(config, lm, text, loaded.codec, source=loaded.source, device=device, dtype=dtype)
+
+    @classmethod
+    def from_onnx(cls, directory: str | os.PathLike[str], *, providers: list[Any] | None = None,
+                  threads: int | None = None) -> "AudioGen":
+        """Load a directory written by `audiogen export-onnx` (see `audiogen.onnx`): the same API and engine,
+        with the text encoder, LM steps and audio decoder run by onnxruntime (`providers`, default CPU)."""
+        from audiogen.onnx.runtime import load_onnx_model
+
+        return load_onnx_model(directory, providers=providers, threads=threads)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write the self-contained audiogen format (config.json, model.safetensors, text_encoder/, codec/)."""
@@ -205,6 +217,24 @@ class AudioGen:
         and only the new part comes from the codec (joined with a one-frame crossfade); otherwise the whole
         clip is the codec's resynthesis.
         """
+        edit = self.continuation_request(audio, sample_rate, prompt, extension_seconds=extension_seconds, **options)
+        return edit.finish(self._run_one(edit.request).audio, keep_original=keep_original)
+
+    def inpaint_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
+                      prompt: str | None = None, *, keep_original: bool = True, **options: Any) -> np.ndarray:
+        """Regenerate the masked parts of a recording (`mask` per input sample, True = regenerate).
+
+        A frame is regenerated when any of its samples is masked; every other frame keeps its original codes
+        (teacher forcing), so the LM continues from the real context around each gap. With `keep_original`,
+        unmasked audio is the input itself and only the gaps come from the codec (short crossfades at edges).
+        """
+        edit = self.inpaint_request(audio, sample_rate, mask, prompt, **options)
+        return edit.finish(self._run_one(edit.request).audio, keep_original=keep_original)
+
+    def continuation_request(self, audio: np.ndarray | torch.Tensor, sample_rate: int, prompt: str | None = None,
+                             *, extension_seconds: float = 5.0, **options: Any) -> AudioEdit:
+        """The engine request of `continue_audio` (validated input, encoded prefix) and how to finish its audio:
+        for callers that await the engine themselves (the HTTP server). `options` are `GenerationRequest` fields."""
         original = self._prepare_audio(audio, sample_rate)
         hop = self.codec.hop_length
         prefix_frames = original.shape[-1] // hop
@@ -217,20 +247,14 @@ class AudioGen:
                                       limit=f"0 < extension_seconds <= {available:.2f} s (max_duration minus input)")
         codes = self.encode(original, self.sample_rate)
         total = prefix_frames + int(round(extension_seconds * self.frame_rate))
-        result = self._run_one(GenerationRequest(prompt=prompt or "", duration=total / self.frame_rate,
-                                                 prefix_codes=codes, **options))
-        if not keep_original:
-            return result.audio
-        return _splice(original, result.audio, [(0, original.shape[-1])], fade=hop)
+        request = GenerationRequest(prompt=prompt or "", duration=total / self.frame_rate, prefix_codes=codes,
+                                    **options)
+        return AudioEdit(request, original, keep=[(0, original.shape[-1])], fade=hop)
 
-    def inpaint_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
-                      prompt: str | None = None, *, keep_original: bool = True, **options: Any) -> np.ndarray:
-        """Regenerate the masked parts of a recording (`mask` per input sample, True = regenerate).
-
-        A frame is regenerated when any of its samples is masked; every other frame keeps its original codes
-        (teacher forcing), so the LM continues from the real context around each gap. With `keep_original`,
-        unmasked audio is the input itself and only the gaps come from the codec (short crossfades at edges).
-        """
+    def inpaint_request(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
+                        prompt: str | None = None, **options: Any) -> AudioEdit:
+        """The engine request of `inpaint_audio` (validated input and mask, encoded codes, frame mask) and how
+        to finish its audio (see `continuation_request`)."""
         mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
         samples = _as_channels_first(audio).shape[-1]
         if mask.ndim != 1 or mask.shape[0] != samples:
@@ -247,14 +271,11 @@ class AudioGen:
         frame_mask[np.minimum(times[mask], frames - 1)] = True
         padded = np.pad(original, ((0, 0), (0, frames * hop - original.shape[-1])))
         codes = self.encode(padded, self.sample_rate)
-        result = self._run_one(GenerationRequest(prompt=prompt or "", inpaint_codes=codes,
-                                                 inpaint_mask=torch.from_numpy(frame_mask), **options))
-        generated = result.audio[:, :original.shape[-1]]
-        if not keep_original:
-            return generated
+        request = GenerationRequest(prompt=prompt or "", inpaint_codes=codes,
+                                    inpaint_mask=torch.from_numpy(frame_mask), **options)
         kept = _runs(~frame_mask)
-        return _splice(original, generated, [(a * hop, min(b * hop, original.shape[-1])) for a, b in kept],
-                       fade=min(hop, 160))
+        return AudioEdit(request, original, keep=[(a * hop, min(b * hop, original.shape[-1])) for a, b in kept],
+                         fade=min(hop, 160), trim=original.shape[-1])
 
     def _run_one(self, request: GenerationRequest) -> GenerationResult:
         return self.run([request])[0]
@@ -293,23 +314,26 @@ class AudioGen:
     def metadata(self) -> dict[str, Any]:
         """Sizes, parameter counts, rates, limits and where the weights came from."""
         c = self.config
-
-        def count(module: torch.nn.Module) -> int:
-            return sum(p.numel() for p in module.parameters())
-
         return {
-            "name": c.name, "source": self.source, "sample_rate": c.sample_rate, "frame_rate": c.frame_rate,
+            "name": c.name, "backend": self.backend, "source": self.source, "sample_rate": c.sample_rate,
+            "frame_rate": c.frame_rate,
             "channels": self.channels, "codebooks": c.num_codebooks, "card": c.card, "dim": c.dim,
             "num_layers": c.num_layers, "num_heads": c.num_heads, "window_duration": c.window_duration,
             "max_duration": c.max_duration, "extend_stride": c.extend_stride, "max_text_tokens": c.max_text_tokens,
             "text_encoder": c.text_encoder,
-            "parameters": {"lm": count(self.lm), "text_projection": count(self.text.output_proj),
-                           "text_encoder": count(self.text.t5), "codec": count(self.codec)},
+            "parameters": self._parameter_counts(),
             "defaults": {"duration": c.default_duration, "temperature": c.temperature, "top_k": c.top_k,
                          "top_p": c.top_p, "guidance_scale": c.guidance_scale},
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "checksum": self.checksum(),
         }
+
+    def _parameter_counts(self) -> dict[str, int]:
+        def count(module: torch.nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+
+        return {"lm": count(self.lm), "text_projection": count(self.text.output_proj),
+                "text_encoder": count(self.text.t5), "codec": count(self.codec)}
 
     def checksum(self) -> str:
         """sha256 over LM, text projection and codec weights (identifies the model in render metadata)."""
@@ -325,6 +349,28 @@ class AudioGen:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class AudioEdit:
+    """A continuation or inpainting prepared for the engine: submit `request`, then `finish(result.audio)`.
+
+    `original` is the input at the model's rate and channels, `keep` the sample spans [start, stop) where it is
+    pasted back over the generated audio (crossfades of `fade` samples), `trim` the output length (None: all).
+    """
+
+    request: GenerationRequest
+    original: np.ndarray
+    keep: list[tuple[int, int]]
+    fade: int
+    trim: int | None = None
+
+    def finish(self, audio: np.ndarray, *, keep_original: bool = True) -> np.ndarray:
+        """The engine's audio -> the edited clip (the input kept where it was not regenerated, if asked)."""
+        generated = audio if self.trim is None else audio[:, :self.trim]
+        if not keep_original:
+            return generated
+        return _splice(self.original, generated, self.keep, fade=self.fade)
+
+
 def _as_channels_first(audio: np.ndarray | torch.Tensor) -> np.ndarray:
     array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     if not np.issubdtype(array.dtype, np.floating):

@@ -62,11 +62,8 @@ def tiny_text_encoder(seed: int = 0, d_model: int = 32) -> tuple[T5EncoderModel,
 
 
 def tiny_codec(config: AudioGenConfig, seed: int = 0) -> Codec:
-    codec = build_encodec(sample_rate=config.sample_rate, n_q=config.n_q, card=config.card, num_filters=4,
-                          hidden_size=16, num_lstm_layers=1, seed=seed)
-    if config.audio_channels == 2:
-        codec = Codec(codec.model, n_q=config.n_q, stereo_interleaved=True)
-    return codec
+    return build_encodec(sample_rate=config.sample_rate, n_q=config.n_q, card=config.card, num_filters=4,
+                         hidden_size=16, num_lstm_layers=1, audio_channels=config.audio_channels, seed=seed)
 
 
 def tiny_model(seed: int = 0, *, device: torch.device | str = "cpu", size: str = "tiny",

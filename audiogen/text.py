@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
+from audiogen.codec import _hub_cache_dir
 from audiogen.errors import CheckpointError, InvalidRequestError, MissingCheckpointFileError
 
 
@@ -30,13 +31,14 @@ def load_text_encoder(source: str | os.PathLike[str]) -> tuple[T5EncoderModel, P
     source = str(source)
     local = Path(source).expanduser()
     target = str(local) if local.is_dir() else source
+    # The cache is read from the environment now: transformers fixes its default when it is imported.
+    cache = None if local.is_dir() else _hub_cache_dir()
     try:
-        model = T5EncoderModel.from_pretrained(target, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+        model = T5EncoderModel.from_pretrained(target, local_files_only=True, cache_dir=cache)
+        tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True, cache_dir=cache)
     except (OSError, ValueError) as error:
         where = f"directory {local}" if local.is_dir() else (
-            f"{source!r}: not a local directory and not in the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})")
+            f"{source!r}: not a local directory and not in the Hugging Face cache ({cache})")
         raise MissingCheckpointFileError(
             f"text encoder could not be loaded from {where}. audiogen never downloads weights at run time: "
             f"fetch it once (e.g. `huggingface-cli download {source}`) or pass text_encoder=<directory with a "

@@ -8,7 +8,6 @@ names were checked against a real audiocraft `EncodecModel.state_dict()` of the 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,10 @@ from transformers.models.encodec.modeling_encodec import (EncodecConv1d, Encodec
                                                           EncodecResnetBlock)
 
 from audiogen.codec import Codec
+from tests.audiocraft_lm_fixture import REMOVE, set_dotted
 
 COMPRESSION_FILE = "compression_state_dict.bin"
-DELETE = object()  # value for `xp_overrides` that removes the key
+DELETE = REMOVE  # value for `xp_overrides` that removes the key
 
 
 def audiocraft_state_dict(model: EncodecModel, *, new_weight_norm: bool = False) -> dict[str, torch.Tensor]:
@@ -119,7 +119,7 @@ def audiocraft_compression_package(source: EncodecModel | Codec, *, n_q: int | N
         n_q = source.n_q if isinstance(source, Codec) else len(model.quantizer.layers)
     cfg = audiocraft_xp_cfg(model, n_q)
     for key, value in (xp_overrides or {}).items():
-        _set_dotted(cfg, key, value)
+        set_dotted(cfg, key, value)
     state = audiocraft_state_dict(model, new_weight_norm=new_weight_norm)
     return {"best_state": {"model": state} if nest_in_model else state,
             "xp.cfg": yaml.safe_dump(cfg, sort_keys=False), "version": "1.4.0a2", "exported": True}
@@ -141,14 +141,3 @@ def write_pretrained_reference(path: str | Path, name: str, **extra: Any) -> Pat
     file = path / COMPRESSION_FILE
     torch.save({"pretrained": name, "exported": True, "version": "1.0.0", **extra}, file)
     return file
-
-
-def _set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    node = cfg
-    for part in parents:
-        node = node.setdefault(part, {})
-    if value is DELETE:
-        node.pop(last, None)
-    else:
-        node[last] = copy.deepcopy(value)

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
-                          T5Config)
+from transformers import MusicgenForConditionalGeneration
+
+from tests.hf_fixture import tiny_hf_musicgen
 
 REMOVE = object()  # an `overrides` value that deletes the key, to test audiocraft's defaults for absent keys
 
@@ -79,7 +80,7 @@ def make_audiocraft_xp_cfg(*, dim: int, num_heads: int, num_layers: int, n_q: in
                            t5_name=t5_name, sample_rate=sample_rate, segment_duration=segment_duration,
                            family=FAMILIES[family], stereo=stereo, hidden_scale=hidden_scale)
     for key, value in (overrides or {}).items():
-        _set_dotted(cfg, key, value)
+        set_dotted(cfg, key, value)
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 
 
@@ -95,7 +96,8 @@ def xp_cfg_for_hf(model: MusicgenForConditionalGeneration, **options: Any) -> st
                                   **options)
 
 
-def _set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """`cfg[a][b] = value` for key 'a.b' (creating mappings on the way); `REMOVE` deletes the key instead."""
     *parents, leaf = key.split(".")
     node = cfg
     for part in parents:
@@ -204,21 +206,13 @@ def _composed_config(*, dim: int, num_heads: int, num_layers: int, n_q: int, car
     }
 
 
-def random_hf_musicgen(seed: int = 0, *, stereo: bool = False, hidden: int = 64, layers: int = 2, heads: int = 4,
-                       ffn_dim: int = 128, card: int = 64, text_dim: int = 32) -> MusicgenForConditionalGeneration:
-    """A tiny transformers MusicGen whose decoder weights are all distinct random values (LayerNorms too, so that
-    swapping two norms or two projections in a key mapping changes the numbers)."""
-    t5 = T5Config(vocab_size=100, d_model=text_dim, d_ff=2 * text_dim, num_layers=2, num_heads=2, d_kv=16)
-    codec = EncodecConfig(sampling_rate=16000, audio_channels=1, num_filters=4, hidden_size=16, num_lstm_layers=1,
-                          upsampling_ratios=[8, 5, 4, 2], codebook_size=card, target_bandwidths=[1.2])
-    decoder = MusicgenDecoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                    ffn_dim=ffn_dim, vocab_size=card, num_codebooks=8 if stereo else 4,
-                                    audio_channels=2 if stereo else 1, dropout=0.0, pad_token_id=card,
-                                    bos_token_id=card)
+def random_hf_musicgen(seed: int = 0, **options: Any) -> MusicgenForConditionalGeneration:
+    """`tests.hf_fixture.tiny_hf_musicgen` (T5 matching `audiogen.testing.tiny_tokenizer`, text width 32, decoder
+    width 64, 2 layers, 4 heads, 64 codes) whose decoder weights are all distinct random values, LayerNorms too,
+    so that swapping two norms or two projections in a key mapping changes the numbers."""
+    model, _ = tiny_hf_musicgen(seed, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MusicgenForConditionalGeneration(MusicgenConfig(
-            text_encoder=t5.to_dict(), audio_encoder=codec.to_dict(), decoder=decoder.to_dict())).eval()
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if not name.startswith(("text_encoder.", "audio_encoder.")):

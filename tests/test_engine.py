@@ -159,3 +159,19 @@ def test_engine_argument_and_memory_checks(tiny):
         Engine(tiny, max_batch_slots=0)
     with pytest.raises(ResourceLimitError, match="max_batch_slots=.*GiB"):
         Engine(tiny, max_batch_slots=10**9)
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_codes():
+    from audiogen.testing import tiny_model
+
+    eager, compiled = tiny_model(seed=3), tiny_model(seed=3)
+    request = GenerationRequest(prompt="a bell", duration=0.4, seed=2, top_k=0, top_p=0.9)
+    try:
+        with Engine(eager, max_batch_slots=2) as engine:
+            expected = engine.submit(request).result(timeout=120).codes
+        with Engine(compiled, max_batch_slots=2, compile=True) as engine:
+            assert torch.equal(engine.submit(request).result(timeout=600).codes, expected)
+    finally:
+        eager.close()
+        compiled.close()

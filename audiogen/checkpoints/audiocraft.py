@@ -10,18 +10,17 @@ Weights are mapped onto the native LM layout of docs/INTERFACES.md and cast to f
 from __future__ import annotations
 
 import math
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from audiogen.checkpoints import audiocraft_files as files
 from audiogen.checkpoints import describe_key_mismatch
+from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state, unsupported
 from audiogen.config import AudioGenConfig
-from audiogen.errors import CheckpointError, InvalidConfigError, MissingCheckpointFileError
+from audiogen.errors import CheckpointError, InvalidConfigError
 
 STATE_FILE = "state_dict.bin"
 TEXT_PROJ = "condition_provider.conditioners.description.output_proj."
@@ -66,7 +65,6 @@ REQUIRED_VALUES: tuple[tuple[str, Any, Any, str], ...] = (
 )
 FUSE_METHODS = ("sum", "prepend", "ignore", "input_interpolate")
 
-_INTERPOLATION = re.compile(r"^\$\{([\w.]+)\}$")
 _ALL = slice(None)
 Piece = tuple[str, slice]  # destination key, rows of the source tensor that go there
 
@@ -85,10 +83,10 @@ class AudiocraftLM:
 
 def read_audiocraft_lm(path: str | Path) -> AudiocraftLM:
     """Read `state_dict.bin` (or a directory holding it) into native pieces; no audiocraft import needed."""
-    file = resolve_state_file(Path(path).expanduser())
-    package = load_package(file)
+    file = files.resolve_file(path, STATE_FILE, LAYOUT_HELP)
+    package = files.load_package(file, export_function="export_lm", layout_help=LAYOUT_HELP, required=("xp.cfg",))
     xp_cfg = parse_xp_cfg(package["xp.cfg"], file)
-    state = select_best_state(package, file)
+    state = select_best_state(package, file, LAYOUT_HELP)
     source = {"format": "audiocraft", "path": str(file)}
     if package.get("version") is not None:
         source["version"] = str(package["version"])
@@ -104,91 +102,9 @@ def read_audiocraft_lm(path: str | Path) -> AudiocraftLM:
                         text_encoder_name=config.text_encoder, xp_cfg=xp_cfg, source=source)
 
 
-# ---------------------------------------------------------------------------------------------------- the file
-def resolve_state_file(path: Path) -> Path:
-    """The checkpoint file: `path` itself, or `path/state_dict.bin`."""
-    if path.is_file():
-        return path
-    file = path / STATE_FILE
-    if not file.is_file():
-        raise MissingCheckpointFileError(f"{file} is missing: {LAYOUT_HELP}")
-    return file
-
-
-def load_package(file: Path) -> dict[str, Any]:
-    """Unpickle with `weights_only=True`: a checkpoint is data, and must not be able to run code when opened."""
-    try:
-        package = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{file} holds objects other than tensors and plain containers, so it cannot be loaded safely "
-            f"(weights_only=True). Audiocraft training checkpoints pickle an OmegaConf object as xp.cfg: export them "
-            f"first with audiocraft.utils.export.export_lm. Detail: {error}") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{file} is not a readable torch checkpoint: {error}") from error
-    if not isinstance(package, dict):
-        raise CheckpointError(f"{file} holds a {type(package).__name__}, expected a dict with 'xp.cfg' and "
-                              f"'best_state': {LAYOUT_HELP}")
-    if "xp.cfg" not in package:
-        raise CheckpointError(f"{file} has no 'xp.cfg' entry (found {sorted(map(str, package))[:20]}), so it is not "
-                              f"an exported audiocraft LM checkpoint: {LAYOUT_HELP}")
-    return package
-
-
-def parse_xp_cfg(raw: Any, file: Path) -> dict[str, Any]:
-    """`xp.cfg` is the YAML that OmegaConf.to_yaml wrote (a mapping is accepted too)."""
-    if isinstance(raw, str):
-        try:
-            raw = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            raise CheckpointError(f"{file}: xp.cfg is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: xp.cfg is a {type(raw).__name__}, expected a YAML mapping")
-    return raw
-
-
-def select_best_state(package: dict[str, Any], file: Path) -> dict[str, torch.Tensor]:
-    """The model weights, wherever audiocraft put them.
-
-    Exported files hold a flat `best_state`; training checkpoints nest it as `best_state['model']`, and FSDP runs
-    keep the full weights in `fsdp_best_state` (preferred when non-empty, as audiocraft's export_lm does).
-    """
-    for name in ("fsdp_best_state", "best_state"):
-        state = package.get(name)
-        if state:
-            break
-    else:
-        raise CheckpointError(f"{file} has no non-empty 'best_state' (or 'fsdp_best_state'): {LAYOUT_HELP}")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: {name} is a {type(state).__name__}, expected a state dict")
-    return dict(state)
-
-
 # ---------------------------------------------------------------------------------------------------- xp.cfg
-def get_value(xp_cfg: dict[str, Any], key: str, default: Any = None, *, _seen: tuple[str, ...] = ()) -> Any:
-    """`xp_cfg['a']['b']` for key 'a.b', following `${other.key}` interpolations that OmegaConf leaves in the YAML."""
-    if key in _seen:
-        raise CheckpointError(f"xp.cfg interpolation cycle: {' -> '.join((*_seen, key))}")
-    node: Any = xp_cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    match = _INTERPOLATION.match(node) if isinstance(node, str) else None
-    return get_value(xp_cfg, match.group(1), default, _seen=(*_seen, key)) if match else node
-
-
 def require_value(xp_cfg: dict[str, Any], key: str) -> Any:
-    value = get_value(xp_cfg, key)
-    if value is None:
-        raise CheckpointError(f"xp.cfg has no {key}, which audiocraft needs to build the LM")
-    return value
-
-
-def unsupported(key: str, value: Any, why: str) -> CheckpointError:
-    return CheckpointError(f"xp.cfg {key}={value!r} is not supported: {why}")
+    return files.require_value(xp_cfg, key, "to build the LM (audiocraft's get_lm_model)")
 
 
 def check_supported(xp_cfg: dict[str, Any]) -> None:

@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import EncodecConfig, EncodecModel
 
+from audiogen.checkpoints import audiocraft_files as files
 from audiogen.checkpoints import describe_key_mismatch
+from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state
 from audiogen.codec import Codec, target_bandwidth
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
 
@@ -87,7 +86,6 @@ KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(pattern),
     (r"quantizer\.vq\.layers\.(?P<n>\d+)\._codebook\.(?P<b>inited|cluster_size|embed|embed_avg)",
      r"quantizer.layers.\g<n>.codebook.\g<b>"),
 ))
-_REFERENCE = re.compile(r"\$\{([^}]*)\}")
 _ABSENT = object()
 
 
@@ -102,17 +100,17 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
     pretrained model's largest bandwidth (reference), as audiocraft does.
     """
     package, origin = _read_package(path_or_package)
-    xp_cfg = _XpConfig(_parse_yaml(package["xp.cfg"], origin)) if "xp.cfg" in package else None
+    xp_cfg = parse_xp_cfg(package["xp.cfg"], origin) if "xp.cfg" in package else None
     if stereo_interleaved is None:
         stereo_interleaved = _stereo_flag(xp_cfg)
     if codec_override is not None or "pretrained" in package:
         return _load_reference(package, origin, codec_override, n_q, stereo_interleaved)
-    if xp_cfg is None or "best_state" not in package:
+    if xp_cfg is None or not files.has_state(package):
         raise CheckpointError(f"{origin} has neither 'pretrained' nor 'xp.cfg' + 'best_state' (found "
                               f"{sorted(map(str, package))[:20]}): {LAYOUT_HELP}")
     config, rvq_n_q = encodec_config_from_xp_cfg(xp_cfg)
     model = EncodecModel(config)
-    load_mapped_state(model, _best_state(package, origin), origin)
+    load_mapped_state(model, select_best_state(package, origin, LAYOUT_HELP), origin)
     return Codec(model.eval(), n_q=rvq_n_q if n_q is None else n_q, stereo_interleaved=stereo_interleaved)
 
 
@@ -120,50 +118,14 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
 def _read_package(path_or_package: str | os.PathLike[str] | dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(path_or_package, dict):
         return path_or_package, "the compression package"
-    path = Path(path_or_package).expanduser()
-    file = path / COMPRESSION_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise MissingCheckpointFileError(f"{file} does not exist: {LAYOUT_HELP}")
-    try:
-        package = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{file} holds objects other than tensors and plain containers, so it cannot be loaded safely "
-            f"(weights_only=True). Audiocraft training checkpoints pickle an OmegaConf object as xp.cfg: export them "
-            f"first with audiocraft.utils.export.export_encodec. Detail: {error}") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{file} is not a readable torch checkpoint: {error}") from error
-    if not isinstance(package, dict):
-        raise CheckpointError(f"{file} holds a {type(package).__name__}, expected a dict: {LAYOUT_HELP}")
-    return package, str(file)
+    file = files.resolve_file(path_or_package, COMPRESSION_FILE, LAYOUT_HELP)
+    return files.load_package(file, export_function="export_encodec", layout_help=LAYOUT_HELP), str(file)
 
 
-def _parse_yaml(raw: Any, origin: str) -> dict[str, Any]:
-    """`xp.cfg` is the YAML that OmegaConf.to_yaml wrote (an already-parsed mapping is accepted too)."""
-    if isinstance(raw, str):
-        try:
-            raw = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            raise CheckpointError(f"xp.cfg in {origin} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"xp.cfg in {origin} is a {type(raw).__name__}, expected a mapping")
-    return raw
-
-
-def _best_state(package: dict[str, Any], origin: str) -> dict[str, torch.Tensor]:
-    """The flat state dict: `best_state`, or `best_state['model']` in training checkpoints."""
-    state = package["best_state"]
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"best_state in {origin} is not a flat dict of tensors")
-    return state
-
-
-def _stereo_flag(xp_cfg: _XpConfig | None) -> bool:
-    if xp_cfg is None or not xp_cfg.get("interleave_stereo_codebooks.use", False):
+def _stereo_flag(xp_cfg: dict[str, Any] | None) -> bool:
+    if xp_cfg is None or not get_value(xp_cfg, "interleave_stereo_codebooks.use", False):
         return False
-    per_timestep = xp_cfg.get("interleave_stereo_codebooks.per_timestep", False)
+    per_timestep = get_value(xp_cfg, "interleave_stereo_codebooks.per_timestep", False)
     if per_timestep:
         raise _unsupported("interleave_stereo_codebooks.per_timestep", per_timestep,
                            "only codebook-interleaved stereo ([L0, R0, L1, R1, ...]) is supported")
@@ -191,64 +153,19 @@ def _load_reference(package: dict[str, Any], origin: str, codec_override: str | 
 
 
 # ---------------------------------------------------------------------------------------------------- xp.cfg
-class _XpConfig:
-    """xp.cfg as plain data; OmegaConf `${a.b}` / `${..b}` interpolations are resolved when a value is read."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def get(self, key: str, default: Any = _ABSENT) -> Any:
-        node: Any = self.data
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                if default is _ABSENT:
-                    raise CheckpointError(f"xp.cfg has no {key!r}, which the codec needs")
-                return default
-            node = node[part]
-        return self._resolve(node, key, depth=0)
-
-    def _resolve(self, value: Any, key: str, depth: int) -> Any:
-        if depth > 16:
-            raise CheckpointError(f"xp.cfg {key}: interpolation does not terminate")
-        if isinstance(value, dict):
-            return {k: self._resolve(v, f"{key}.{k}", depth) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._resolve(v, key, depth) for v in value]
-        if value == "???":
-            raise CheckpointError(f"xp.cfg {key} is unset ('???'), but the codec needs it")
-        if not isinstance(value, str) or "${" not in value:
-            return value
-        whole = _REFERENCE.fullmatch(value)
-        if whole:
-            return self._resolve(self._follow(whole.group(1), key), key, depth + 1)
-        return _REFERENCE.sub(lambda m: str(self._resolve(self._follow(m.group(1), key), key, depth + 1)), value)
-
-    def _follow(self, reference: str, key: str) -> Any:
-        """The raw value an interpolation points at: absolute (`a.b`) or relative to `key`'s parent (`.b`, `..b`)."""
-        if ":" in reference:
-            raise CheckpointError(f"xp.cfg {key}: resolver interpolation ${{{reference}}} is not supported")
-        target = reference
-        if reference.startswith("."):
-            dots = len(reference) - len(reference.lstrip("."))
-            parents = key.split(".")[:-dots]
-            target = ".".join(parents + [reference[dots:]])
-        node: Any = self.data
-        for part in target.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise CheckpointError(f"xp.cfg {key}: interpolation ${{{reference}}} points at a missing key")
-            node = node[part]
-        return node
-
-
-def _section(xp_cfg: _XpConfig, key: str) -> dict[str, Any]:
-    value = xp_cfg.get(key)
+def _section(xp_cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = _require_value(xp_cfg, key)
     if not isinstance(value, dict):
         raise CheckpointError(f"xp.cfg {key} is a {type(value).__name__}, expected a mapping")
     return dict(value)
 
 
+def _require_value(xp_cfg: dict[str, Any], key: str) -> Any:
+    return files.require_value(xp_cfg, key, "to build the codec (audiocraft's get_compression_model)")
+
+
 def _unsupported(key: str, value: Any, why: str) -> CheckpointError:
-    return CheckpointError(f"xp.cfg {key}={value!r} is not supported by transformers' EnCodec: {why}")
+    return files.unsupported(key, value, why, by=" by transformers' EnCodec")
 
 
 def _require(key: str, value: Any, ok: bool, why: str) -> None:
@@ -269,7 +186,7 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def _seanet_kwargs(xp_cfg: _XpConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def _seanet_kwargs(xp_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Encoder and decoder constructor arguments, merged as get_encodec_autoencoder does."""
     section = _section(xp_cfg, "seanet")
     encoder_override = section.pop("encoder", None) or {}
@@ -326,7 +243,7 @@ def _check_seanet(seanet: dict[str, Any], decoder: dict[str, Any]) -> None:
              and (seanet["causal"] or trim == 1.0), "must be in [0, 1], and 1.0 unless causal")
 
 
-def _rvq_kwargs(xp_cfg: _XpConfig) -> dict[str, Any]:
+def _rvq_kwargs(xp_cfg: dict[str, Any]) -> dict[str, Any]:
     section = _section(xp_cfg, "rvq")
     _check_known("rvq", section, set(RVQ_DEFAULTS))
     rvq = {**RVQ_DEFAULTS, **section}
@@ -336,9 +253,9 @@ def _rvq_kwargs(xp_cfg: _XpConfig) -> dict[str, Any]:
     return rvq
 
 
-def encodec_config_from_xp_cfg(xp_cfg: _XpConfig) -> tuple[EncodecConfig, int]:
+def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, int]:
     """The transformers config for the model audiocraft's get_compression_model would build, and its n_q."""
-    model_kind = xp_cfg.get("compression_model")
+    model_kind = _require_value(xp_cfg, "compression_model")
     _require("compression_model", model_kind, model_kind == "encodec", "only EnCodec compression models exist here")
     encodec = _section(xp_cfg, "encodec")
     _check_known("encodec", encodec, ENCODEC_KEYS)

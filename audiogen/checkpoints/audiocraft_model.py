@@ -23,11 +23,14 @@ def load_audiocraft(root: Path, *, text_encoder: str | os.PathLike[str] | None =
             f"{compression} is missing: audiocraft checkpoints need state_dict.bin and compression_state_dict.bin "
             f"(or pass codec=<EnCodec directory>)")
     lm = read_audiocraft_lm(root)
-    if compression.exists():
-        codec_model = load_audiocraft_codec(compression, codec_override=codec)
-    else:
-        codec_model = Codec.from_pretrained(codec)
     config = lm.config
+    # audiocraft keeps the stereo layout in the LM's xp.cfg (interleave_stereo_codebooks): MusicGen's compression
+    # file is often only {'pretrained': 'facebook/encodec_32khz'}, which cannot say it.
+    stereo = config.audio_channels == 2
+    if compression.exists():
+        codec_model = load_audiocraft_codec(compression, codec_override=codec, stereo_interleaved=stereo)
+    else:
+        codec_model = Codec.from_pretrained(codec, stereo_interleaved=stereo)
     if codec_model.sample_rate != config.sample_rate or codec_model.frame_rate != config.frame_rate:
         raise CheckpointError(
             f"codec runs at {codec_model.sample_rate} Hz / {codec_model.frame_rate} frames/s but the LM expects "

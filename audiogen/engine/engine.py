@@ -99,7 +99,8 @@ class Engine:
         with self._wake:
             if self._closing:
                 raise EngineClosedError("engine is shut down")
-            if len(self._queue) >= self.max_queued:
+            # requests waiting for a slot that is already free are not "queued": the loop admits them next
+            if len(self._queue) >= self.max_queued + self.batch.free:
                 self.stats.rejected += 1
                 raise QueueFullError(self.max_queued)
             self._queue.append(handle)

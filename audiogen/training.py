@@ -1,0 +1,663 @@
+"""Training the LM on (caption, codes) pairs: pure torch, importable without Ray.
+
+The Ray job (`pipelines/train.py`) only moves data and processes around these pieces:
+
+- `collate`: codes [K, T] per example (+ how many frames are real) -> delay-pattern input tokens, targets and the
+  mask of the positions whose target is a real frame. A short segment is turned into the pattern of a clip of
+  its real length (frames past its end become the special token, exactly what generation produces past the end),
+  then padded with special tokens, so its loss equals the loss of the short clip on its own.
+- `lm_loss`: cross-entropy per codebook over the masked positions. `weighting="codebook"` (default, audiocraft):
+  the mean over codebooks of each codebook's mean CE over its valid positions; `"token"`: one mean over all valid
+  (codebook, position) pairs. The two differ only by how the few delay-padding positions count.
+- condition dropout for classifier-free guidance: a dropped example gets the empty caption, which is the null
+  condition the generator's unconditional branch uses. `cfg_dropout_mode="sample"` (default) drops each example
+  independently with probability p; `"batch"` drops the whole micro-batch with probability p, as audiocraft does.
+  Per-sample dropout keeps every batch's gradient mixed (with audiocraft's per-batch draw a small batch is
+  entirely unconditional one step in ten, a noisy gradient), and the expected fraction of null conditions is the
+  same p either way.
+- `CaptionEncoder`: the frozen T5 with an LRU cache of its outputs per caption (captions repeat across the
+  segments of a file and across epochs); the trainable text projection lives in `ConditionedLM` with the LM.
+- `build_optimizer` (AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on biases and
+  norms), `build_scheduler` (linear warmup, then inverse square root, cosine or constant).
+- `TrainState`: one optimizer step over several micro-batches (gradient accumulation, DDP `no_sync` on all but
+  the last), clipping, bf16 autocast on GPU; evaluation; checkpoints (model + optimizer + scheduler + step) read
+  back with `torch.load(weights_only=True)` only.
+- `export_model`: a training checkpoint + the base model's T5 and codec -> an `AudioGen` for `save_pretrained`.
+
+Loss scaling under accumulation and data parallelism: each micro-batch's loss is its own masked mean, the step's
+gradient is the average over micro-batches (and DDP averages over workers), as in audiocraft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audiogen.config import PRESETS, AudioGenConfig
+from audiogen.errors import InvalidConfigError
+from audiogen.lm import LanguageModel
+from audiogen.patterns import build_delay_pattern, pattern_frame_index
+
+CHECKPOINT_STATE_FILE = "training_state.pt"
+CHECKPOINT_META_FILE = "training_meta.json"
+CHECKPOINT_FORMAT = "audiogen-train"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingConfig:
+    """Optimisation settings; defaults are audiocraft's AudioGen recipe except where noted."""
+
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    schedule: str = "inverse_sqrt"  # "inverse_sqrt" | "cosine" | "constant", all after a linear warmup
+    warmup_steps: int = 3000
+    max_steps: int = 100_000  # the cosine schedule decays over this many steps
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    cfg_dropout: float = 0.1
+    cfg_dropout_mode: str = "sample"  # "sample" (per example) | "batch" (audiocraft)
+    loss_weighting: str = "codebook"  # "codebook" (audiocraft: mean of per-codebook means) | "token"
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
+    text_cache_size: int = 4096  # captions whose T5 output is kept (CPU memory); 0 disables the cache
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise InvalidConfigError(f"training.{name}", f"{rule} (got {getattr(self, name)!r})")
+
+        need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.schedule in ("inverse_sqrt", "cosine", "constant"), "schedule",
+             "must be inverse_sqrt, cosine or constant")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.max_steps >= 1, "max_steps", "must be >= 1")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum", "must be an integer >= 1")
+        need(0 <= self.cfg_dropout <= 1, "cfg_dropout", "must be in [0, 1]")
+        need(self.cfg_dropout_mode in ("sample", "batch"), "cfg_dropout_mode", "must be sample or batch")
+        need(self.loss_weighting in ("codebook", "token"), "loss_weighting", "must be codebook or token")
+        need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
+        need(self.text_cache_size >= 0, "text_cache_size", "must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidConfigError(f"training.{unknown[0]}", f"unknown training option(s) {unknown}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One micro-batch: LM inputs, next-position targets and which targets count, plus the captions."""
+
+    tokens: torch.Tensor  # [B, K, S] long: delay-pattern inputs (position 0 = start)
+    targets: torch.Tensor  # [B, K, S] long: the token of position p + 1 (special where not a frame)
+    mask: torch.Tensor  # [B, K, S] bool: the target is a real frame of the example
+    captions: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        """Scored (codebook, frame) targets."""
+        return int(self.mask.sum())
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.tokens.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
+                     self.mask.to(device, non_blocking=True), self.captions)
+
+
+def collate(codes: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, captions: Sequence[str],
+            n_frames: Sequence[int] | torch.Tensor | None = None, *, delays: Sequence[int], card: int,
+            max_frames: int | None = None) -> Batch:
+    """Examples' codes [K, T_i] (T_i may differ) with `n_frames[i] <= T_i` real frames -> a `Batch`.
+
+    Frames at or past `n_frames[i]` (padding of a short last segment) are never targets and never inputs: they
+    become the special token `card`, as past the end of a generated clip. The batch is as long as its longest
+    real example (at most `max_frames`, cropping from the start), plus `max(delays)` positions.
+    """
+    delays = tuple(int(d) for d in delays)
+    items = [torch.as_tensor(np.asarray(c) if not isinstance(c, torch.Tensor) else c) for c in codes]
+    if not items:
+        raise ValueError("collate needs at least one example")
+    if len(captions) != len(items):
+        raise ValueError(f"{len(items)} code arrays but {len(captions)} captions")
+    num_codebooks = len(delays)
+    lengths = [int(x) for x in (n_frames if n_frames is not None else [c.shape[-1] for c in items])]
+    if len(lengths) != len(items):
+        raise ValueError(f"{len(items)} code arrays but {len(lengths)} frame counts")
+    for index, (item, length) in enumerate(zip(items, lengths)):
+        if item.dim() != 2 or item.shape[0] != num_codebooks:
+            raise ValueError(f"example {index}: codes have shape {tuple(item.shape)}, expected [{num_codebooks}, T]")
+        if not 1 <= length <= item.shape[-1]:
+            raise ValueError(f"example {index}: n_frames={length} outside [1, {item.shape[-1]}]")
+    if max_frames is not None:
+        lengths = [min(length, int(max_frames)) for length in lengths]
+    frames = max(lengths)
+    padded = torch.full((len(items), num_codebooks, frames), card, dtype=torch.long)
+    for index, (item, length) in enumerate(zip(items, lengths)):
+        real = item[:, :length].to(torch.long)
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= card):
+            raise ValueError(f"example {index}: codes in [{int(real.min())}, {int(real.max())}], expected [0, {card})")
+        padded[index, :, :length] = real
+    sequence = build_delay_pattern(padded, delays, card)  # [B, K, frames + D + 1]
+    index = pattern_frame_index(sequence.shape[-1], delays)[:, 1:]  # frame held by each target position
+    limit = torch.tensor(lengths)[:, None, None]
+    mask = (index[None] >= 0) & (index[None] < limit)
+    return Batch(sequence[..., :-1].contiguous(), sequence[..., 1:].contiguous(), mask, list(captions))
+
+
+def drop_conditions(captions: Sequence[str], p: float, mode: str, generator: torch.Generator) -> list[str]:
+    """Classifier-free-guidance dropout: replace captions by the null condition "" with probability p."""
+    captions = list(captions)
+    if p <= 0 or not captions:
+        return captions
+    if mode == "batch":
+        return [""] * len(captions) if float(torch.rand((), generator=generator)) < p else captions
+    draws = torch.rand(len(captions), generator=generator)
+    return ["" if float(d) < p else c for c, d in zip(captions, draws)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    per_codebook: torch.Tensor  # [K] detached mean CE per codebook
+    ce_sum: torch.Tensor  # [K] detached sum of CE over valid positions
+    count: torch.Tensor  # [K] valid positions per codebook
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, weighting: str = "codebook"
+            ) -> LossOutput:
+    """Masked cross-entropy of logits [B, K, S, card] against targets [B, K, S] where mask [B, K, S].
+
+    `codebook`: mean over codebooks (with any valid position) of each codebook's mean CE; `token`: the mean over
+    all valid (codebook, position) pairs.
+    """
+    safe = torch.where(mask, targets, torch.zeros_like(targets))  # `collate` checked the real codes' range
+    # [B*K*S, card] rows: the heads' stacked logits are contiguous in this order, so no copy (a class-dim-1
+    # permute would copy the largest tensor of the step); float32 for the softmax under bf16 autocast
+    card = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, card).float(), safe.reshape(-1), reduction="none").view(mask.shape)
+    ce = ce * mask
+    ce_sum = ce.sum(dim=(0, 2))
+    count = mask.sum(dim=(0, 2))
+    per_codebook = ce_sum / count.clamp_min(1)
+    if weighting == "token":
+        loss = ce_sum.sum() / count.sum().clamp_min(1)
+    elif weighting == "codebook":
+        present = count > 0
+        loss = (per_codebook * present).sum() / present.sum().clamp_min(1)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}")
+    return LossOutput(loss, per_codebook.detach(), ce_sum.detach(), count.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+class ConditionedLM(nn.Module):
+    """The trainable part: the text projection and the LM, in one module for DDP/FSDP.
+
+    State-dict keys are `lm.*` (native LM keys) and `text_proj.*`, as in `model.safetensors`.
+    """
+
+    def __init__(self, lm: LanguageModel, text_proj: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.text_proj = text_proj
+
+    def forward(self, tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, K, S], T5 output [B, L, text_dim], mask [B, L] -> logits [B, K, S, card]."""
+        text = self.text_proj(text_hidden) * text_mask[..., None].to(text_hidden.dtype)
+        return self.lm(tokens, text, text_mask)
+
+
+class CaptionEncoder:
+    """Frozen T5 + tokenizer -> (hidden [B, L, text_dim] float32, mask [B, L]); an empty caption is the null
+    condition (no visible token). Outputs are cached per caption (LRU, on the CPU).
+
+    Captions longer than `max_tokens` are truncated (the tokenizer keeps its end token), not refused: one long
+    caption must not fail a training run.
+    """
+
+    def __init__(self, t5: nn.Module, tokenizer: Any, max_tokens: int, *, cache_size: int = 4096,
+                 device: torch.device | str | None = None) -> None:
+        self.t5 = t5.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_tokens = int(max_tokens)
+        self.cache_size = int(cache_size)
+        self.device = torch.device(device) if device is not None else next(t5.parameters()).device
+        self.t5.to(self.device, dtype=torch.float32)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.t5.config.d_model)
+
+    @torch.no_grad()
+    def _encode(self, captions: list[str]) -> list[torch.Tensor]:
+        batch = self.tokenizer(captions, add_special_tokens=True, truncation=True, max_length=self.max_tokens,
+                               padding=True, return_tensors="pt")
+        ids, attention = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        hidden = self.t5(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+        return [hidden[i, :int(attention[i].sum())].cpu() for i in range(len(captions))]
+
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows: dict[str, torch.Tensor] = {}
+        wanted = [c for c in dict.fromkeys(captions) if c.strip()]
+        missing = []
+        for caption in wanted:
+            cached = self._cache.get(caption)
+            if cached is None:
+                missing.append(caption)
+            else:
+                self._cache.move_to_end(caption)
+                rows[caption] = cached
+        self.hits += len(wanted) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for caption, value in zip(missing, self._encode(missing)):
+                rows[caption] = value
+                if self.cache_size:
+                    self._cache[caption] = value
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        length = max([1] + [rows[c].shape[0] for c in captions if c.strip()])
+        hidden = torch.zeros(len(captions), length, self.text_dim)
+        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+        for index, caption in enumerate(captions):
+            if caption.strip():
+                row = rows[caption]
+                hidden[index, :row.shape[0]] = row
+                mask[index, :row.shape[0]] = True
+        return hidden.to(self.device), mask.to(self.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------------------------
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains (nanoGPT's split;
+    audiocraft decays everything, which pulls LayerNorm gains towards zero)."""
+    decay, no_decay = [], []
+    for _, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    if any(p.is_cuda for p in module.parameters()):
+        kwargs["fused"] = True
+    return torch.optim.AdamW(parameter_groups(module, config.weight_decay), **kwargs)
+
+
+def lr_factor(step: int, config: TrainingConfig) -> float:
+    """Multiplier of `lr` for the optimizer update number `step + 1` (0-based `step`)."""
+    s = step + 1
+    warmup = config.warmup_steps
+    if warmup and s <= warmup:
+        return s / warmup
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / s)
+    span = max(config.max_steps - warmup, 1)
+    progress = min(max((s - warmup) / span, 0.0), 1.0)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        return lr_factor(step, config)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training state
+# ---------------------------------------------------------------------------------------------------------------
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _gradient_sync(module: nn.Module, sync: bool) -> Any:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step (DDP `no_sync`,
+    FSDP2 `set_requires_gradient_sync`)."""
+    if sync:
+        yield
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class TrainState:
+    """Model (possibly DDP/FSDP-wrapped), optimizer, schedule and step counter, with one-step training."""
+
+    def __init__(self, module: nn.Module, captions: CaptionEncoder, config: TrainingConfig, *,
+                 model_config: AudioGenConfig, device: torch.device | str | None = None, rank: int = 0) -> None:
+        self.module = module
+        self.captions = captions
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(device) if device is not None else next(module.parameters()).device
+        self.rank = rank
+        self.optimizer = build_optimizer(module, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.step = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def collate(self, codes: Sequence[Any], captions: Sequence[str], n_frames: Sequence[int] | None = None,
+                max_frames: int | None = None) -> Batch:
+        return collate(codes, captions, n_frames, delays=self.model_config.delays, card=self.model_config.card,
+                       max_frames=max_frames)
+
+    def forward(self, batch: Batch, captions: Sequence[str] | None = None) -> LossOutput:
+        """Loss of one micro-batch with the given (possibly dropped) captions."""
+        batch = batch.to(self.device)
+        hidden, text_mask = self.captions(list(batch.captions if captions is None else captions))
+        with autocast_context(self.device, self.config.precision):
+            logits = self.module(batch.tokens, hidden, text_mask)
+        return lm_loss(logits, batch.targets, batch.mask, self.config.loss_weighting)
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
+        """One optimizer update over `micro_batches` (their number is the accumulation for this step)."""
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        started = time.perf_counter()
+        self.module.train()
+        count = len(micro_batches)
+        losses, per_codebook, tokens = [], [], 0
+        for index, batch in enumerate(micro_batches):
+            generator = torch.Generator().manual_seed(_seed_for(self.config.seed, self.rank, self.step, index))
+            captions = drop_conditions(batch.captions, self.config.cfg_dropout, self.config.cfg_dropout_mode,
+                                       generator)
+            with _gradient_sync(self.module, index == count - 1):
+                out = self.forward(batch, captions)
+                (out.loss / count).backward()
+            losses.append(float(out.loss.detach()))
+            per_codebook.append(out.per_codebook.float().cpu())
+            tokens += int(out.count.sum())
+        grad_norm = self._clip()
+        lr = self.lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": sum(losses) / count,
+                "loss_per_codebook": torch.stack(per_codebook).mean(0).tolist(), "lr": lr,
+                "grad_norm": grad_norm, "tokens": tokens, "seconds": time.perf_counter() - started}
+
+    def _clip(self) -> float:
+        max_norm = self.config.grad_clip or float("inf")
+        if hasattr(self.module, "clip_grad_norm_"):  # FSDP1: the norm over all shards
+            norm = self.module.clip_grad_norm_(max_norm)
+        else:  # plain, DDP, or FSDP2 (DTensor gradients: the norm is reduced over the shards)
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        """Sums over batches (all captions kept): `ce_sum` [K], `count` [K], `loss_sum`, `batches`. Callers
+        all-reduce these across workers, then call `eval_metrics`."""
+        self.module.eval()
+        k = self.model_config.num_codebooks
+        ce_sum, count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        loss_sum, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            out = self.forward(batch)
+            ce_sum += out.ce_sum.double().cpu()
+            count += out.count.double().cpu()
+            loss_sum += float(out.loss)
+            n += 1
+        self.module.train()
+        return {"ce_sum": ce_sum, "count": count, "loss_sum": loss_sum, "batches": n}
+
+    def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """val_loss (the training loss's weighting, over the whole split), per-codebook val CE."""
+        per_codebook = (sums["ce_sum"] / sums["count"].clamp_min(1))
+        if self.config.loss_weighting == "token":
+            loss = float(sums["ce_sum"].sum() / sums["count"].sum().clamp_min(1))
+        else:
+            present = sums["count"] > 0
+            loss = float((per_codebook * present).sum() / present.sum().clamp_min(1))
+        return {"val_loss": loss, "val_loss_per_codebook": per_codebook.tolist(),
+                "val_tokens": int(sums["count"].sum())}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Full (unsharded, CPU) model and optimizer state. Collective under FSDP: call it on every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.module, self.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, directory: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
+             write: bool = True) -> None:
+        """Write a training checkpoint into `directory` (only when `write`; every rank must call it under FSDP)."""
+        model_state, optim_state = self.state_dicts()
+        if not write:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+                   "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict()}
+        torch.save(payload, directory / CHECKPOINT_STATE_FILE)
+        info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+                "model_config": self.model_config.to_dict(), "training_config": self.config.to_dict(),
+                "text_projection": isinstance(_unwrap(self.module).text_proj, nn.Linear)}
+        info.update(meta or {})
+        (directory / CHECKPOINT_META_FILE).write_text(json.dumps(info, indent=2, default=str))
+
+    def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore model, optimizer, schedule and step from `directory`; returns its metadata."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        payload = read_checkpoint_state(directory)
+        set_state_dict(self.module, self.optimizer, model_state_dict=payload["model"],
+                       optim_state_dict=payload["optimizer"], options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.step = int(payload["step"])
+        return read_checkpoint_meta(directory)
+
+
+def read_checkpoint_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / CHECKPOINT_STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: not an audiogen training checkpoint")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT or int(payload.get("version", 0)) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not an audiogen training checkpoint of version <= {CHECKPOINT_VERSION}")
+    return payload
+
+
+def read_checkpoint_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    return json.loads((Path(directory) / CHECKPOINT_META_FILE).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building models to train and exporting them
+# ---------------------------------------------------------------------------------------------------------------
+CODEC_FIELDS = ("n_q", "card", "audio_channels", "sample_rate", "frame_rate", "delays")
+
+
+def scratch_config(preset: str, base: AudioGenConfig, text_dim: int, **overrides: Any) -> AudioGenConfig:
+    """A `preset` LM size whose codec-facing fields (rates, codebooks, card, delays) and text encoder come from
+    the base model that supplies the T5 and the codec; `overrides` change anything else."""
+    values = {name: getattr(base, name) for name in CODEC_FIELDS}
+    values.update(text_encoder=base.text_encoder, text_dim=text_dim, max_text_tokens=base.max_text_tokens,
+                  name=f"audiogen-{preset}")
+    values.update(overrides)
+    if "top_k" not in values and "top_k" not in PRESETS.get(preset, {}):
+        values["top_k"] = min(AudioGenConfig.top_k, int(values["card"]))  # a small card caps the default
+    return AudioGenConfig.preset(preset, **values)
+
+
+def shard_fsdp(module: ConditionedLM) -> ConditionedLM:
+    """Shard with FSDP2 (`torch.distributed.fsdp.fully_shard`, default process group): per layer one unit each for
+    self-attention, cross-attention, its key/value projection and the feed-forward, and the root unit for the
+    rest (embeddings, norms, heads, text projection). The key/value projection is its own unit because the LM
+    projects the text for every layer before running them: a unit is gathered by its own forward call."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in module.lm.layers:
+        for unit in (layer.self_attn, layer.cross_attn.kv_proj, layer.cross_attn, layer.ffn):
+            fully_shard(unit)
+    fully_shard(module)
+    return module
+
+
+def build_scratch_module(config: AudioGenConfig, text_dim: int, seed: int = 0) -> ConditionedLM:
+    """A freshly initialised LM (audiocraft's init) and text projection."""
+    lm = LanguageModel(config)
+    lm.reset_parameters(seed)
+    proj = nn.Linear(text_dim, config.dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        proj.reset_parameters()
+    return ConditionedLM(lm, proj)
+
+
+def module_from_model(model: Any) -> ConditionedLM:
+    """The trainable part of an `AudioGen` (fine-tuning), as float32 on the CPU (shares its parameters)."""
+    model.to(device="cpu", lm_dtype=torch.float32)
+    return ConditionedLM(model.lm, model.text.output_proj)
+
+
+def export_model(checkpoint: str | os.PathLike[str], base: Any, *, source: dict[str, Any] | None = None) -> Any:
+    """A training checkpoint + the `AudioGen` that supplied its T5, tokenizer and codec -> a new `AudioGen`
+    (on the CPU, float32) carrying the trained LM and projection; `save_pretrained` it to publish."""
+    from audiogen.model import AudioGen
+    from audiogen.text import TextConditioner
+
+    meta = read_checkpoint_meta(checkpoint)
+    state = read_checkpoint_state(checkpoint)["model"]
+    config = AudioGenConfig.from_dict(meta["model_config"])
+    lm = LanguageModel(config)
+    lm.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("lm.")}, strict=True)
+    project = bool(meta.get("text_projection", True))
+    text = TextConditioner(base.text.t5, base.text.tokenizer, dim=config.dim, max_tokens=config.max_text_tokens,
+                           project=project)
+    if project:
+        text.output_proj.load_state_dict({k[len("text_proj."):]: v for k, v in state.items()
+                                          if k.startswith("text_proj.")}, strict=True)
+    info = {"format": "audiogen-train", "step": meta.get("step"), "base": base.source}
+    info.update(source or {})
+    return AudioGen(config, lm, text, base.codec, source=info, device="cpu", dtype=torch.float32)
+
+
+def load_base_model(spec: str, *, device: str = "cpu") -> Any:
+    """`tiny` / `tiny:SEED` (the deterministic test model of `audiogen.testing`) or a checkpoint directory
+    `AudioGen.from_pretrained` reads; float32 on `device`."""
+    from audiogen.model import AudioGen
+
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from audiogen.testing import tiny_model
+
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        with single_thread():
+            return tiny_model(seed=seed, device=device)
+    return AudioGen.from_pretrained(spec, device=device, dtype=torch.float32)
+
+
+def load_text_encoder_of(spec: str) -> tuple[nn.Module, Any]:
+    """Only the (T5, tokenizer) of a base model spec (what a from-scratch worker needs): read directly from an
+    audiogen directory's `text_encoder/`, otherwise taken from the loaded model."""
+    from pathlib import Path
+
+    from audiogen.text import load_text_encoder
+
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from audiogen.testing import tiny_text_encoder
+
+        return tiny_text_encoder(int(spec.split(":", 1)[1]) if ":" in spec else 0)
+    root = Path(spec).expanduser()
+    config = root / "config.json"
+    if (root / "text_encoder").is_dir() and config.exists() and json.loads(config.read_text()).get("format") == "audiogen":
+        return load_text_encoder(root / "text_encoder")
+    model = load_base_model(spec)
+    model.close()
+    return model.text.t5, model.text.tokenizer
+
+
+@contextlib.contextmanager
+def single_thread() -> Any:
+    """Run a block with one intra-op thread. The tiny codec's codebooks are drawn from an encoder forward pass,
+    whose last bits depend on the thread count: built this way, `tiny` is the same codec (same checksum) in
+    every process, whatever its thread settings."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

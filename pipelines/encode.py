@@ -1,0 +1,548 @@
+"""Encode (audio, caption) manifests into codec-token shards for training, with Ray Data.
+
+Input: a Parquet or JSONL manifest (local or `s3://`), one row per clip: `path` (aliases `audio`, `uri`, `file`;
+a local path, relative paths resolved against the manifest's directory, or an fsspec URL such as `s3://...`),
+`caption` (aliases `description`, `text`, `prompt`), optional `id`, `offset` and `duration` (seconds: the span of
+the file to use) and `split` (e.g. `train`/`val`, passed through for the trainer). Audio is wav/flac/ogg at any
+sample rate and channel count.
+
+Pipeline: driver plans (manifest, ids, what is already done) -> CPU tasks read, resample and downmix each file
+(`audiogen.io.read_audio`) and cut it into fixed-length segments -> an actor pool holding the `Codec` encodes the
+segments in batches and writes one Parquet shard per batch.
+
+Output layout under OUTPUT (a local directory or `s3://bucket/prefix`):
+```
+codes/part-<hash>.parquet    one row per segment (CODES_SCHEMA): id, segment, caption, offset, n_frames, codes
+                             (int16 [n_q, frames]), codec_checksum, ...
+errors/part-<hash>.parquet   one row per file that could not be used (ERRORS_SCHEMA): unreadable, silent, too
+                             short, failed to encode; with a readable message. Never a failed job.
+summary.json                 the last run's counts, the codec and the segmenting settings
+```
+
+Segments: `segment_seconds` of audio (rounded to whole codec frames). The last, shorter piece is zero-padded to the
+full length and its row records how many frames are real (`n_frames < frames`; the trainer masks the rest), or
+dropped with `pad_last=False`. Pieces shorter than `min_seconds` are dropped, and so are silent segments (peak
+below `silence_db` dBFS); a file left with no segment is an error row (`too_short` / `silent`).
+
+Exactly once, resumable: shard names are a hash of the segment ids they hold, so a retried batch overwrites its
+own shard. A rerun reads the ids already written (and the files already in `errors/`), skips every file whose
+segments are all present (each row carries its file's `n_segments`), and for partly written files skips the
+segments present: nothing is encoded twice and a rerun of a finished job does nothing. Files in `errors/` are
+skipped too (their problems are properties of the files) unless `retry_errors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+CODES_SCHEMA = pa.schema([
+    ("id", pa.string()), ("segment", pa.int32()), ("n_segments", pa.int32()), ("caption", pa.string()),
+    ("path", pa.string()), ("split", pa.string()), ("offset", pa.float64()), ("duration", pa.float64()),
+    ("n_frames", pa.int32()), ("frames", pa.int32()), ("codes", pa.list_(pa.list_(pa.int16()))),
+    ("codec_checksum", pa.string()),
+])
+ERRORS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()), ("kind", pa.string()),
+    ("message", pa.string()),
+])
+PATH_COLUMNS = ("path", "audio", "uri", "file")
+CAPTION_COLUMNS = ("caption", "description", "text", "prompt")
+
+
+@dataclass
+class EncodeOptions:
+    manifest: str
+    output: str
+    codec: str = "tiny"  # "tiny[:SEED]", a codec directory, or a model directory (its codec)
+    segment_seconds: float = 10.0
+    pad_last: bool = True
+    min_seconds: float = 1.0
+    silence_db: float = -60.0
+    max_seconds: float | None = None  # refuse files (spans) longer than this
+    read_batch: int = 8  # files per read task
+    encode_batch: int = 16  # segments per codec batch = per output shard
+    encoders: int = 1  # actors in the encoder pool
+    encoder_cpus: float = 1.0
+    encoder_gpus: float = 0.0
+    read_cpus: float = 1.0
+    read_memory_mb: int = 512  # memory reserved per read task (decoded audio of `read_batch` files)
+    retry_errors: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.segment_seconds > 0 and math.isfinite(self.segment_seconds)):
+            raise ValueError(f"segment_seconds must be positive, got {self.segment_seconds}")
+        if self.min_seconds < 0:
+            raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
+        if self.read_batch < 1 or self.encode_batch < 1 or self.encoders < 1 or self.read_memory_mb < 1:
+            raise ValueError("read_batch, encode_batch, encoders and read_memory_mb must be >= 1")
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """What the read tasks need to know about the codec without loading it."""
+
+    sample_rate: int
+    hop_length: int
+    channels: int
+    num_codebooks: int
+    card: int
+    checksum: str
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers (no Ray): manifest, segmenting, the codes table format
+# ---------------------------------------------------------------------------------------------------------------
+def source_id(path: str, caption: str, offset: float, duration: float | None) -> str:
+    """Stable id of a manifest row without an `id` column (same file + span + caption -> same id)."""
+    key = json.dumps([path, caption, float(offset or 0.0), None if duration is None else float(duration)])
+    return "s-" + hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def part_name(keys: list[str]) -> str:
+    """Deterministic shard name from the ids it holds: a retried batch overwrites its own shard."""
+    return "part-" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24] + ".parquet"
+
+
+def segment_key(source: str, segment: int) -> str:
+    return f"{source}#{int(segment)}"
+
+
+def _pick(table: pa.Table, names: tuple[str, ...], what: str, required: bool = True) -> str | None:
+    for name in names:
+        if name in table.column_names:
+            return name
+    if required:
+        raise ValueError(f"manifest has no {what} column (one of {list(names)}); columns: {table.column_names}")
+    return None
+
+
+def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """A Parquet (`.parquet`, or a directory/prefix of them) or JSONL (`.jsonl`/`.json`/`.ndjson`) manifest ->
+    a table with columns id, path, caption, offset, duration, split (ids derived where absent)."""
+    import fsspec
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    from pipelines.storage import expand_inputs
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    lower = url.lower().split("?", 1)[0]
+    if lower.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz")):
+        with fs.open(path, "rb", compression="infer") as handle:
+            table = pajson.read_json(handle)
+        base = posixpath.dirname(url)
+    else:
+        files = expand_inputs(url, storage_options, ".parquet")
+        tables = []
+        for path in files:
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        table = pa.concat_tables(tables, promote_options="default")
+        base = posixpath.dirname(url) if lower.endswith(".parquet") else url.rstrip("/")
+    path_col = _pick(table, PATH_COLUMNS, "audio path")
+    caption_col = _pick(table, CAPTION_COLUMNS, "caption")
+    n = table.num_rows
+
+    def column(name: str | None, default: Any) -> list[Any]:
+        if name is None or name not in table.column_names:
+            return [default] * n
+        return table[name].to_pylist()
+
+    paths = [_resolve_path(str(p), base) if p is not None else "" for p in column(path_col, None)]
+    captions = ["" if c is None else str(c) for c in column(caption_col, "")]
+    offsets = [float(o) if o is not None else 0.0 for o in column("offset", 0.0)]
+    durations = [float(d) if d is not None else None for d in column("duration", None)]
+    splits = [None if s is None else str(s) for s in column("split", None)]
+    given = column("id", None)
+    ids = [str(i) if i is not None else source_id(p, c, o, d)
+           for i, p, c, o, d in zip(given, paths, captions, offsets, durations)]
+    seen: dict[str, int] = {}
+    duplicates = []
+    for index, row_id in enumerate(ids):
+        if row_id in seen:
+            duplicates.append(f"{row_id!r} (rows {seen[row_id]} and {index})")
+        seen.setdefault(row_id, index)
+    if duplicates:
+        raise ValueError(f"manifest {url} has duplicate ids: {', '.join(duplicates[:5])}"
+                         f"{' ...' if len(duplicates) > 5 else ''}")
+    return pa.table({"id": ids, "path": paths, "caption": captions, "offset": pa.array(offsets, pa.float64()),
+                     "duration": pa.array(durations, pa.float64()), "split": pa.array(splits, pa.string())})
+
+
+def _resolve_path(path: str, base: str) -> str:
+    if "://" in path or os.path.isabs(path) or not path:
+        return path
+    return posixpath.join(base, path) if "://" in base else os.path.join(base, path)
+
+
+@dataclass
+class Segment:
+    index: int
+    audio: np.ndarray  # [C, segment_samples] float32, zero padded
+    n_frames: int  # real (unpadded) frames
+
+
+class UnusableAudio(ValueError):
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+def segment_audio(audio: np.ndarray, *, sample_rate: int, hop_length: int, segment_seconds: float,
+                  pad_last: bool = True, min_seconds: float = 1.0, silence_db: float = -60.0,
+                  skip: set[int] | frozenset[int] = frozenset()) -> tuple[list[Segment], int]:
+    """Cut [C, N] audio into segments of `segment_seconds` (whole frames) -> (kept segments, total count).
+
+    The total counts every usable segment including the silent ones dropped and those in `skip` (already
+    written by an earlier run); raises `UnusableAudio` when nothing usable remains.
+    """
+    frames = max(1, int(round(segment_seconds * sample_rate / hop_length)))
+    length = frames * hop_length
+    total = audio.shape[-1]
+    min_samples = min(int(round(min_seconds * sample_rate)), length)
+    seconds = total / sample_rate
+    if total < max(min_samples, 1) or (not pad_last and total < length):
+        need = length / sample_rate if not pad_last else max(min_samples, 1) / sample_rate
+        raise UnusableAudio("too_short", f"audio is {seconds:.3f} s long, shorter than the minimum {need:.3f} s"
+                                         f"{' (one full segment: the last partial segment is dropped)' if not pad_last else ''}")
+    starts = list(range(0, total, length))
+    threshold = 10.0 ** (silence_db / 20.0)
+    kept: list[Segment] = []
+    usable = 0
+    silent = 0
+    for index, start in enumerate(starts):
+        piece = audio[:, start:start + length]
+        real = piece.shape[-1]
+        if real < length and (not pad_last or real < max(min_samples, 1)):
+            continue  # a short last piece that is dropped
+        usable += 1
+        if float(np.max(np.abs(piece))) <= threshold:
+            silent += 1
+            continue
+        if index in skip:
+            continue
+        if real < length:
+            piece = np.pad(piece, ((0, 0), (0, length - real)))
+        kept.append(Segment(index, np.ascontiguousarray(piece, dtype=np.float32), -(-real // hop_length)))
+    if usable and silent == usable:
+        peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+        level = 20 * math.log10(peak) if peak > 0 else float("-inf")
+        raise UnusableAudio("silent", f"audio is silent: peak {level:.1f} dBFS at or below the threshold "
+                                      f"{silence_db:g} dBFS in every segment")
+    return kept, usable
+
+
+def codes_to_arrow(codes: np.ndarray) -> pa.Array:
+    """codes [B, K, T] integer -> list<list<int16>> (row i = K lists of T codes)."""
+    codes = np.ascontiguousarray(codes, dtype=np.int16)
+    batch, k, t = codes.shape
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, batch * k * t + 1, t, dtype=np.int32)),
+                                     pa.array(codes.reshape(-1)))
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, batch * k + 1, k, dtype=np.int32)), inner)
+
+
+def codes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
+    """The inverse of `codes_to_arrow`: one int16 [K, T] array per row (rows may differ in T)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(column) == 0:
+        return []
+    outer_lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+    inner = column.flatten()
+    inner_lengths = inner.value_lengths().to_numpy(zero_copy_only=False)
+    values = np.array(inner.flatten().to_numpy(zero_copy_only=False), dtype=np.int16)  # writable copy
+    if len(set(outer_lengths.tolist())) == 1 and len(set(inner_lengths.tolist())) == 1:
+        return list(values.reshape(len(column), int(outer_lengths[0]), int(inner_lengths[0])))
+    rows, position, row_start = [], 0, 0
+    for k in outer_lengths:
+        lengths = inner_lengths[row_start:row_start + k]
+        t = int(lengths[0]) if k else 0
+        rows.append(values[position:position + int(k) * t].reshape(int(k), t))
+        position += int(lengths.sum())
+        row_start += int(k)
+    return rows
+
+
+def codes_table(rows: list[dict[str, Any]], codes: np.ndarray, checksum: str) -> pa.Table:
+    """Segment rows (dicts with the scalar columns) + their codes [B, K, T] -> a CODES_SCHEMA table."""
+    columns: dict[str, Any] = {name: [row[name] for row in rows] for name in CODES_SCHEMA.names
+                               if name not in ("codes", "codec_checksum", "frames")}
+    columns["frames"] = [int(codes.shape[-1])] * len(rows)
+    columns["codes"] = codes_to_arrow(codes)
+    columns["codec_checksum"] = [checksum] * len(rows)
+    return pa.table({name: columns[name] for name in CODES_SCHEMA.names}, schema=CODES_SCHEMA)
+
+
+def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.table({name: [str(row.get(name) or "") for row in rows] for name in ERRORS_SCHEMA.names},
+                    schema=ERRORS_SCHEMA)
+
+
+def local_model(spec: str, storage_options: dict[str, Any] | None = None) -> str:
+    """`tiny[:SEED]` or a local directory as is; a remote (`s3://`) model directory copied to a local cache."""
+    if spec == "tiny" or spec.startswith("tiny:") or "://" not in spec:
+        return spec
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+    cache = os.path.join(os.path.expanduser("~/.cache/audiogen/models"), hashlib.sha256(spec.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(cache, ".complete")):
+        fs.get(path.rstrip("/") + "/", cache, recursive=True)
+        open(os.path.join(cache, ".complete"), "w").close()
+    return cache
+
+
+def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """`tiny` / `tiny:SEED` (the codec of `audiogen.testing.tiny_model`), an EnCodec directory
+    (`Codec.save_pretrained`), or a model directory of any supported format (its codec); local or s3://."""
+    from pathlib import Path
+
+    from audiogen.codec import Codec
+
+    spec = local_model(spec, storage_options)
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from audiogen.config import AudioGenConfig
+        from audiogen.testing import tiny_codec
+        from audiogen.training import single_thread
+
+        with single_thread():  # bit-identical in every process (see `single_thread`)
+            return tiny_codec(AudioGenConfig.preset("tiny"), seed=int(spec.split(":", 1)[1]) if ":" in spec else 0)
+    directory = Path(spec).expanduser()
+    if (directory / "codec").is_dir() and (directory / "config.json").exists():
+        return Codec.from_pretrained(directory / "codec")  # audiogen's own model directory
+    config = directory / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "encodec":
+        return Codec.from_pretrained(directory)
+    from audiogen.training import load_base_model
+
+    return load_base_model(spec).codec
+
+
+def codec_info(codec: Any) -> CodecInfo:
+    return CodecInfo(sample_rate=codec.sample_rate, hop_length=codec.hop_length, channels=codec.channels,
+                     num_codebooks=codec.num_codebooks, card=codec.card, checksum=codec.checksum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray stages
+# ---------------------------------------------------------------------------------------------------------------
+def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo,
+                     partial: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """Ray Data map task: read, resample and segment each file of `batch`; unusable files -> `errors/`."""
+    from audiogen.io import read_audio
+    from pipelines.storage import Storage
+
+    length = max(1, int(round(options.segment_seconds * info.frame_rate))) * info.hop_length
+    out: dict[str, list[Any]] = {name: [] for name in ("id", "segment", "n_segments", "caption", "path", "split",
+                                                       "offset", "duration", "n_frames", "audio")}
+    errors: list[dict[str, Any]] = []
+    for row in batch.to_pylist():
+        try:
+            audio, _ = read_audio(row["path"], sample_rate=info.sample_rate, channels=info.channels,
+                                  offset=row["offset"] or 0.0, duration=row["duration"],
+                                  storage_options=options.storage_options, max_seconds=options.max_seconds)
+        except Exception as error:  # anything about one file is that file's error, never the job's
+            errors.append(dict(row, kind="unreadable", message=f"{type(error).__name__}: {error}"))
+            continue
+        try:
+            segments, total = segment_audio(
+                audio, sample_rate=info.sample_rate, hop_length=info.hop_length,
+                segment_seconds=options.segment_seconds, pad_last=options.pad_last, min_seconds=options.min_seconds,
+                silence_db=options.silence_db, skip=set(partial.get(row["id"], ())))
+        except UnusableAudio as error:
+            errors.append(dict(row, kind=error.kind, message=str(error)))
+            continue
+        for segment in segments:
+            out["id"].append(row["id"])
+            out["segment"].append(segment.index)
+            out["n_segments"].append(total)
+            out["caption"].append(row["caption"])
+            out["path"].append(row["path"])
+            out["split"].append(row["split"] or "")
+            out["offset"].append((row["offset"] or 0.0) + segment.index * length / info.sample_rate)
+            out["duration"].append(segment.n_frames / info.frame_rate)
+            out["n_frames"].append(segment.n_frames)
+            out["audio"].append(segment.audio)
+    if errors:
+        Storage(options.output, options.storage_options).write_table(
+            f"errors/{part_name([e['id'] for e in errors])}", errors_table(errors))
+    result = {name: np.asarray(values, dtype=object if name in ("id", "caption", "path", "split") else None)
+              for name, values in out.items() if name != "audio"}
+    result["segment"] = np.asarray(out["segment"], dtype=np.int32)
+    result["n_segments"] = np.asarray(out["n_segments"], dtype=np.int32)
+    result["n_frames"] = np.asarray(out["n_frames"], dtype=np.int32)
+    result["offset"] = np.asarray(out["offset"], dtype=np.float64)
+    result["duration"] = np.asarray(out["duration"], dtype=np.float64)
+    result["audio"] = (np.stack(out["audio"]) if out["audio"]
+                       else np.zeros((0, info.channels, length), dtype=np.float32))
+    return result
+
+
+class SegmentEncoder:
+    """Ray Data actor: holds the codec, encodes a batch of segments, writes the batch's shard."""
+
+    def __init__(self, options: EncodeOptions, checksum: str) -> None:
+        import torch
+
+        from pipelines.storage import Storage
+
+        threads = max(1, int(options.encoder_cpus))
+        torch.set_num_threads(threads)
+        self.options = options
+        self.device = "cuda" if options.encoder_gpus and torch.cuda.is_available() else "cpu"
+        self.codec = load_codec(options.codec, options.storage_options).to(self.device)
+        self.checksum = self.codec.checksum()
+        if self.checksum != checksum:
+            raise RuntimeError(f"codec {options.codec!r} on this worker has checksum {self.checksum[:12]}, the "
+                               f"driver's has {checksum[:12]}: workers must see the same codec files")
+        self.storage = Storage(options.output, options.storage_options)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        count = len(batch["id"])
+        if count == 0:
+            return {"shard": np.asarray([], dtype=object), "segments": np.asarray([], dtype=np.int64),
+                    "errors": np.asarray([], dtype=np.int64)}
+        rows = [{name: batch[name][i] for name in batch if name != "audio"} for i in range(count)]
+        for row in rows:
+            row["split"] = row["split"] or None
+        audio = torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32))
+        good: list[int] = []
+        codes: list[np.ndarray] = []
+        errors: list[dict[str, Any]] = []
+        try:
+            encoded = self.codec.encode(audio).cpu().numpy()
+            good, codes = list(range(count)), list(encoded)
+        except Exception:  # find the culprit(s): one bad segment must not lose the batch
+            for i in range(count):
+                try:
+                    codes.append(self.codec.encode(audio[i:i + 1])[0].cpu().numpy())
+                    good.append(i)
+                except Exception as error:
+                    errors.append(dict(rows[i], kind="encode_failed", message=f"{type(error).__name__}: {error}"))
+        shard = ""
+        if good:
+            kept = [rows[i] for i in good]
+            shard = part_name([segment_key(r["id"], r["segment"]) for r in kept])
+            self.storage.write_table(f"codes/{shard}", codes_table(kept, np.stack(codes), self.checksum))
+        if errors:
+            self.storage.write_table(f"errors/{part_name([segment_key(e['id'], e['segment']) for e in errors])}",
+                                     errors_table(errors))
+        return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(good)], dtype=np.int64),
+                "errors": np.asarray([len(errors)], dtype=np.int64)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+def existing_state(storage: Any) -> tuple[dict[str, set[int]], dict[str, int], set[str], set[str]]:
+    """(segments written per id, n_segments per id, ids with an error row, codec checksums seen)."""
+    written: dict[str, set[int]] = {}
+    expected: dict[str, int] = {}
+    checksums: set[str] = set()
+    table = storage.read_tables("codes", columns=["id", "segment", "n_segments", "codec_checksum"])
+    if table is not None:
+        for row_id, segment, total in zip(table["id"].to_pylist(), table["segment"].to_pylist(),
+                                          table["n_segments"].to_pylist()):
+            written.setdefault(row_id, set()).add(int(segment))
+            expected[row_id] = int(total)
+        checksums = set(table["codec_checksum"].unique().to_pylist())
+    errors = storage.read_tables("errors", columns=["id"])
+    errored = set(errors["id"].to_pylist()) if errors is not None else set()
+    return written, expected, errored, checksums
+
+
+def run_encode(options: EncodeOptions) -> dict[str, Any]:
+    """Encode every not-yet-encoded file of the manifest; returns (and writes) the summary."""
+    import ray
+
+    from pipelines.storage import Storage
+
+    started = time.perf_counter()
+    storage = Storage(options.output, options.storage_options)
+    manifest = load_manifest(options.manifest, options.storage_options)
+    codec = load_codec(options.codec, options.storage_options)
+    info = codec_info(codec)
+    if info.card > 32768:
+        raise ValueError(f"codec card {info.card} does not fit the int16 codes column")
+    written, expected, errored, checksums = existing_state(storage)
+    if checksums - {info.checksum}:
+        raise ValueError(f"{storage.url('codes')} holds codes of another codec (checksums "
+                         f"{sorted(c[:12] for c in checksums)}), this run's codec is {info.checksum[:12]}: "
+                         f"use a new output location")
+    if options.retry_errors and errored:
+        storage.remove_prefix("errors")
+        errored = set()
+    complete = {i for i, segs in written.items() if len(segs) >= expected.get(i, 0)}
+    ids = manifest["id"].to_pylist()
+    keep = [i not in complete and i not in errored for i in ids]
+    todo = manifest.filter(pa.array(keep, pa.bool_()))
+    partial = {i: sorted(written[i]) for i in todo["id"].to_pylist() if i in written}
+    log.info("encode: %d files in the manifest, %d done, %d errored before, %d to read", len(ids),
+             len(complete & set(ids)), len(errored & set(ids)), todo.num_rows)
+
+    counts = {"segments": 0, "shards": 0, "encode_errors": 0}
+    if todo.num_rows:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+        ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        for batch in _dataset(options, info, todo, partial).iter_batches(batch_size=None, batch_format="pyarrow"):
+            counts["segments"] += sum(batch["segments"].to_pylist())
+            counts["encode_errors"] += sum(batch["errors"].to_pylist())
+            counts["shards"] += sum(1 for s in batch["shard"].to_pylist() if s)
+    written_after, _, errored_after, _ = existing_state(storage)
+    summary = {
+        "manifest": options.manifest, "output": options.output, "codec": options.codec,
+        "codec_checksum": info.checksum, "sample_rate": info.sample_rate, "frame_rate": info.frame_rate,
+        "num_codebooks": info.num_codebooks, "card": info.card, "segment_seconds": options.segment_seconds,
+        "segment_frames": max(1, int(round(options.segment_seconds * info.frame_rate))),
+        "pad_last": options.pad_last, "min_seconds": options.min_seconds, "silence_db": options.silence_db,
+        "files": len(ids), "files_skipped_done": len(complete & set(ids)),
+        "files_skipped_errored": len(errored & set(ids)), "files_read": todo.num_rows,
+        "segments_written": counts["segments"], "shards_written": counts["shards"],
+        "errors_new": len(errored_after - errored), "segments_total": sum(len(s) for s in written_after.values()),
+        "files_encoded_total": len(written_after), "files_errored_total": len(errored_after),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    storage.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _dataset(options: EncodeOptions, info: CodecInfo, todo: pa.Table, partial: dict[str, list[int]]) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    blocks = [todo.slice(start, options.read_batch) for start in range(0, todo.num_rows, options.read_batch)]
+    # Reading and resampling run as their own CPU tasks with a memory reservation for the decoded audio; the
+    # reservation also keeps Ray Data from fusing them into the encoder actors (fusion needs equal resources),
+    # so many cheap CPUs decode while the codec actors stay busy.
+    segments = ray.data.from_arrow(blocks).map_batches(
+        read_and_segment, batch_size=None, batch_format="pyarrow", num_cpus=options.read_cpus,
+        memory=options.read_memory_mb * 2**20, fn_kwargs={"options": options, "info": info, "partial": partial})
+    return segments.map_batches(
+        SegmentEncoder, batch_size=options.encode_batch, batch_format="numpy",
+        fn_constructor_kwargs={"options": options, "checksum": info.checksum},
+        compute=ActorPoolStrategy(size=options.encoders), num_cpus=options.encoder_cpus,
+        num_gpus=options.encoder_gpus or None)

@@ -1,0 +1,121 @@
+"""Object storage for the pipelines: one fsspec filesystem for local paths and `s3://` alike.
+
+Writes are atomic where it matters for exactly-once bookkeeping: a local file is written to a temp name and
+`os.replace`d, an S3 object is one PUT. So a reader never sees a partial audio file or metadata part, and a
+retried task overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass
+class Storage:
+    """A root URL (local directory or `s3://bucket/prefix`) plus the options fsspec needs to reach it."""
+
+    root: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fs, path = fsspec.core.url_to_fs(self.root, **self.options)
+        self.path = path.rstrip("/") or path
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def url(self, *parts: str) -> str:
+        """Full URL of a path under the root (for messages and metadata)."""
+        relative = posixpath.join(*parts) if parts else ""
+        if self.local:
+            return os.path.join(self.path, relative) if relative else self.path
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
+        return f"{protocol}://{posixpath.join(self.path, relative)}" if relative else f"{protocol}://{self.path}"
+
+    def _full(self, relative: str) -> str:
+        return posixpath.join(self.path, relative) if not self.local else os.path.join(self.path, relative)
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Atomic write: temp file + os.replace locally, a single PUT on object stores."""
+        target = self._full(relative)
+        if self.local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            temp = f"{target}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(temp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, target)
+            finally:
+                if os.path.exists(temp):
+                    os.remove(temp)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self._full(relative))
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self._full(relative))
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Names (relative to `prefix`) of the objects directly under `prefix` ending with `suffix`."""
+        directory = self._full(prefix)
+        self.fs.invalidate_cache()
+        if not self.fs.exists(directory):
+            return []
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(directory, detail=False)]
+        return sorted(n for n in names if n.endswith(suffix) and not n.endswith(".tmp"))
+
+    def remove_prefix(self, prefix: str) -> None:
+        directory = self._full(prefix)
+        if self.fs.exists(directory):
+            self.fs.rm(directory, recursive=True)
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def read_tables(self, prefix: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All `*.parquet` parts under `prefix` as one table (None when there are none)."""
+        tables = []
+        for name in self.list(prefix, ".parquet"):
+            with self.fs.open(self._full(posixpath.join(prefix, name)), "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def arrow_filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """A pyarrow filesystem view of an fsspec URL (for Ray Data and pyarrow.dataset readers)."""
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if isinstance(fs, LocalFileSystem):
+        return pyarrow.fs.LocalFileSystem(), path
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def expand_inputs(url: str, options: dict[str, Any] | None = None, suffix: str = ".parquet") -> list[str]:
+    """A file, a directory/prefix (every `suffix` file below it) or a glob -> sorted fsspec paths."""
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [p for p in fs.find(path) if p.endswith(suffix)]
+    elif fs.exists(path):
+        found = [path]
+    else:
+        raise FileNotFoundError(f"input {url} does not exist")
+    files = sorted(p for p in found if not posixpath.basename(p).startswith(("_", ".")))
+    if not files:
+        raise FileNotFoundError(f"input {url} matches no {suffix} files")
+    return files

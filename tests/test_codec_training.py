@@ -1,0 +1,79 @@
+"""Codec training (audiogen.codec_training): the RVQ's EMA codebooks, the spectral loss and a short run on the synth
+corpus. A short run cannot reach demo quality; it checks that every part moves in the right direction and that the
+trained state survives `save_pretrained` exactly (the quantizer's EMA buffers are what encoding uses)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from audiogen.codec import Codec, build_encodec
+from audiogen.codec_training import MultiScaleSpectralLoss, RVQTrainer, evaluate_codec, train_codec
+from audiogen.data import synth
+
+SMALL_CODEC = dict(card=32, num_filters=4, hidden_size=16)
+
+
+def _clips(n: int, seed: int = 0) -> list[np.ndarray]:
+    return [item.audio for item in synth.make_corpus(n, seed, duration=1.0)]
+
+
+def test_spectral_loss_is_zero_for_identical_audio_and_grows_with_distortion() -> None:
+    loss = MultiScaleSpectralLoss(16_000)
+    reference = torch.from_numpy(_clips(2)[0])[None]
+    assert float(loss(reference, reference)) < 1e-6
+    slightly, badly = reference * 0.9, reference + 0.3 * torch.randn_like(reference)
+    assert 0 < float(loss(slightly, reference)) < float(loss(badly, reference))
+
+
+def test_rvq_kmeans_init_and_ema_updates_move_codebooks_towards_the_data() -> None:
+    codec = build_encodec(sample_rate=16_000, n_q=4, seed=0, **SMALL_CODEC)
+    rvq = RVQTrainer(codec, decay=0.5, kmeans_iters=5, dead_code_fraction=0.25,
+                     generator=torch.Generator().manual_seed(0))
+    embeddings = torch.randn(4, codec.model.config.hidden_size, 25, requires_grad=True)
+    quantized, codes, commitment = rvq(embeddings)
+    assert rvq.initialised and all(bool(cb.inited) for cb in rvq.codebooks)
+    assert codes.shape == (4, codec.n_q, 25) and int(codes.max()) < codec.card
+    assert quantized.shape == embeddings.shape and commitment.item() > 0
+    # Straight-through: the gradient reaches the encoder's output unchanged.
+    quantized.sum().backward()
+    assert torch.allclose(embeddings.grad, torch.ones_like(embeddings))
+    # More residual layers fit the data better: the quantization error falls with each layer.
+    with torch.no_grad():
+        errors = []
+        flat = embeddings.detach().transpose(1, 2).reshape(-1, embeddings.shape[1])
+        residual = flat.clone()
+        for cb in rvq.codebooks:
+            residual = residual - cb.embed[RVQTrainer._nearest(residual, cb.embed)]
+            errors.append(float(residual.pow(2).mean()))
+    assert errors == sorted(errors, reverse=True), errors
+
+
+class _FixedBatch:
+    """An iterable of one fixed [B, N] batch (as a DataLoader would yield): `train_codec` cycles it, so a short run
+    overfits it, which shows the whole training step (encoder, RVQ, decoder, losses, optimiser) learns."""
+
+    def __init__(self, clips: list[np.ndarray]) -> None:
+        self.batch = torch.from_numpy(np.stack(clips))
+
+    def __iter__(self):
+        return iter([self.batch])
+
+
+def test_short_codec_run_lowers_the_loss_and_round_trips_through_save_pretrained(tmp_path) -> None:
+    clips = [clip[:8000] for clip in _clips(4)]
+    codec, report = train_codec(_FixedBatch(clips), steps=100, codec_options=SMALL_CODEC, lr=1e-2, log_every=20,
+                                warmup_steps=5, kmeans_iters=5, seed=0)
+    assert len(report.history) == 5
+    # Measured: spectral loss 4.51 -> 2.30 over the 100 steps.
+    assert report.last("spectral") < 0.75 * report.first("spectral"), report.history
+    assert all(np.isfinite(row["loss"]) for row in report.history)
+    assert report.history[-1]["used_q0"] > 0.5  # dead-code replacement keeps most of the codebook in use
+
+    before = evaluate_codec(codec, clips[:3])
+    codec.save_pretrained(tmp_path / "codec")
+    reloaded = Codec.from_pretrained(tmp_path / "codec")
+    wave = torch.from_numpy(clips[0])[None, None]
+    assert torch.equal(codec.encode(wave), reloaded.encode(wave))
+    after = evaluate_codec(reloaded, clips[:3])
+    assert np.allclose(before["si_snr"], after["si_snr"], atol=1e-4)

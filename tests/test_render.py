@@ -1,0 +1,175 @@
+"""Batch rendering end to end on a local Ray instance: local files and moto S3, bad rows, resume, actor faults."""
+
+import hashlib
+import io
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipelines.manifest import RowDefaults
+from pipelines.render import RenderOptions, progress_actor_name, run_render
+from pipelines.storage import Storage
+
+GOOD = [
+    {"id": "dog-1", "prompt": "a dog barking", "duration": 1.0, "seed": 1},
+    {"id": "rain/../../x", "prompt": "rain on a roof", "duration": 0.6, "seed": None},
+    {"id": None, "prompt": "a high beep", "duration": 0.8, "seed": 5},
+    {"id": None, "prompt": "low rumble", "duration": None, "seed": None},
+    {"id": "bell", "prompt": "church bell", "duration": 0.4, "seed": 9},
+]
+BAD = [
+    {"id": "empty", "prompt": "", "duration": 1.0, "seed": 1},            # empty prompt (planning)
+    {"id": "negative", "prompt": "x", "duration": -1.0, "seed": 1},      # duration <= 0 (planning)
+    {"id": "too-long", "prompt": "x", "duration": 60.0, "seed": 1},      # beyond the model's max (engine)
+    {"id": "dog-1", "prompt": "another dog", "duration": 1.0, "seed": 2},  # duplicate id
+]
+
+
+def _manifest(rows):
+    return pa.table({"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows],
+                     "duration": pa.array([r["duration"] for r in rows], pa.float64()),
+                     "seed": pa.array([r["seed"] for r in rows], pa.int64())})
+
+
+def _write_manifest(tmp_path, rows) -> str:
+    path = tmp_path / "m.parquet"
+    pq.write_table(_manifest(rows), path)
+    return str(path)
+
+
+def _options(manifest, output, **extra):
+    return RenderOptions(input=manifest, output=output, defaults=RowDefaults(duration=0.5), batch_size=2,
+                         batches_per_actor=2, max_batch_slots=4, progress=False, **extra)
+
+
+def _check_output(storage: Storage, expected_ids: set[str], expected_errors: set[str]) -> None:
+    metadata = storage.read_tables("metadata")
+    ids = metadata["id"].to_pylist()
+    assert sorted(ids) == sorted(expected_ids), "every good row exactly once"
+    audio = storage.list("audio", ".wav")
+    assert sorted(audio) == sorted(metadata["file"].to_pylist())
+    for row in metadata.to_pylist():
+        data = storage.read_bytes(f"audio/{row['file']}")
+        assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["bytes"]
+        samples, rate = sf.read(io.BytesIO(data), always_2d=True)
+        assert rate == row["sample_rate"] == 16000 and samples.shape[0] == row["num_samples"]
+        assert row["model"] == "audiogen" and len(row["model_checksum"]) == 64
+    errors = storage.read_tables("errors")
+    error_ids = [] if errors is None else errors["id"].to_pylist()
+    assert sorted(error_ids) == sorted(expected_errors), "errors table holds exactly the bad rows"
+
+
+def _expected_good_ids(manifest):
+    from pipelines.manifest import read_manifest
+
+    plan = read_manifest(manifest, None, RowDefaults(duration=0.5))
+    return {r.id for r in plan.rows if r.id != "too-long"}
+
+
+@pytest.mark.slow
+def test_render_local_end_to_end_with_bad_rows(ray_local, tmp_path):
+    manifest = _write_manifest(tmp_path, GOOD + BAD)
+    summary = run_render(_options(manifest, str(tmp_path / "out")))
+    storage = Storage(str(tmp_path / "out"))
+    good = _expected_good_ids(manifest)
+    _check_output(storage, good, {"empty", "negative", "too-long", "dog-1"})
+    errors = storage.read_tables("errors").to_pylist()
+    too_long = next(e for e in errors if e["id"] == "too-long")
+    assert too_long["field"] == "duration" and "6.0" in too_long["message"]
+    assert summary["rows_read"] == 9 and summary["rows_rendered"] == 5 and summary["rows_failed"] == 4
+    assert all(name.startswith(("dog-1", "rain_", "r-", "bell")) for name in storage.list("audio"))
+    assert storage.exists("_SUCCESS")
+    # rerun of a finished job renders nothing (the engine-rejected row is tried again and fails again)
+    again = run_render(_options(manifest, str(tmp_path / "out")))
+    assert again["rows_rendered"] == 0 and again["rows_skipped_done"] == 5
+    _check_output(storage, good, {"empty", "negative", "too-long", "dog-1"})
+
+
+@pytest.mark.slow
+def test_render_s3_end_to_end(ray_local, s3_bucket):
+    bucket, options = s3_bucket
+    storage_in = Storage(f"s3://{bucket}/manifests", options)
+    buffer = io.BytesIO()
+    pq.write_table(_manifest(GOOD[:3] + BAD[:1]), buffer)
+    storage_in.write_bytes("part-0.parquet", buffer.getvalue())
+    summary = run_render(_options(f"s3://{bucket}/manifests/", f"s3://{bucket}/renders", storage_options=options))
+    assert summary["rows_rendered"] == 3 and summary["rows_invalid"] == 1
+    out = Storage(f"s3://{bucket}/renders", options)
+    metadata = out.read_tables("metadata")
+    assert len(metadata) == 3
+    _check_output(out, set(metadata["id"].to_pylist()), {"empty"})
+
+
+@pytest.mark.slow
+def test_resume_renders_only_the_rest_and_repairs_orphans(ray_local, tmp_path):
+    rows = [{"id": f"clip-{i}", "prompt": f"noise {i}", "duration": 0.3, "seed": i} for i in range(8)]
+    manifest = _write_manifest(tmp_path, rows)
+    output = str(tmp_path / "out")
+    first = run_render(_options(manifest, output, limit=4))  # a job stopped half-way
+    assert first["rows_rendered"] == 4
+    storage = Storage(output)
+    before = {name: (tmp_path / "out" / "audio" / name).stat().st_mtime_ns for name in storage.list("audio")}
+    # an orphan: audio of clip-7 written, but its metadata never committed (a crash between the two writes)
+    storage.write_bytes("audio/clip-7.wav", b"partial")
+    second = run_render(_options(manifest, output))
+    assert second["rows_rendered"] == 4 and second["rows_skipped_done"] == 4
+    after = {name: (tmp_path / "out" / "audio" / name).stat().st_mtime_ns for name in before}
+    assert after == before, "committed clips are not written again"
+    _check_output(storage, {f"clip-{i}" for i in range(8)}, set())
+    assert storage.read_bytes("audio/clip-7.wav") != b"partial"
+
+
+@pytest.mark.slow
+def test_killing_a_model_actor_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path):
+    import ray
+
+    rows = [{"id": f"k-{i}", "prompt": f"hum {i}", "duration": 1.5, "seed": i} for i in range(16)]
+    manifest = _write_manifest(tmp_path, rows)
+    output = str(tmp_path / "out")
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(run_render(_options(manifest, output))))
+    job.start()
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and job.is_alive():
+        try:
+            snapshot = ray.get(ray.get_actor(progress_actor_name(output)).snapshot.remote())
+        except (ValueError, ray.exceptions.RayActorError):  # not started yet / job already over
+            snapshot = {"rows": 0, "workers": {}}
+        if snapshot["rows"] >= 2 and snapshot["workers"]:
+            killed = next(iter(snapshot["workers"].values()))
+            ray.kill(killed, no_restart=False)
+        time.sleep(0.05)
+    job.join(timeout=300)
+    assert killed is not None, "the test must kill an actor while the job runs"
+    assert result["rows_rendered"] + result.get("rows_skipped_done", 0) >= 1
+    _check_output(Storage(output), {f"k-{i}" for i in range(16)}, set())
+
+
+@pytest.mark.slow
+def test_render_with_the_onnx_backend_matches_torch(ray_local, tmp_path):
+    from audiogen.onnx.export import export_onnx
+    from audiogen.testing import tiny_model
+
+    model = tiny_model(seed=0)
+    try:
+        export_onnx(model, tmp_path / "onnx")
+        model.save_pretrained(tmp_path / "torch")
+    finally:
+        model.close()
+    rows = [{"id": f"o-{i}", "prompt": f"beep {i}", "duration": 0.4, "seed": i} for i in range(3)]
+    manifest = _write_manifest(tmp_path, rows)
+    audio = {}
+    for backend in ("torch", "onnx"):
+        output = str(tmp_path / f"out-{backend}")
+        run_render(_options(manifest, output, model=str(tmp_path / backend), backend=backend, subtype="FLOAT"))
+        metadata = Storage(output).read_tables("metadata")
+        assert sorted(metadata["id"].to_pylist()) == ["o-0", "o-1", "o-2"]
+        audio[backend] = {row_id: sf.read(f"{output}/audio/{row_id}.wav")[0] for row_id in metadata["id"].to_pylist()}
+    for row_id, clip in audio["torch"].items():
+        assert clip.shape == audio["onnx"][row_id].shape
+        assert abs(clip - audio["onnx"][row_id]).max() < 1e-4
