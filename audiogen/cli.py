@@ -66,6 +66,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("generate", _generate_arguments)
 def run_generate(args: argparse.Namespace) -> int:
+    """Generate one clip from a text prompt and write it to a file (local or s3://)."""
     from audiogen.engine import GenerationRequest
     from audiogen.io import peak_normalize, write_audio
 
@@ -84,6 +85,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 @command("info", add_model_arguments)
 def run_info(args: argparse.Namespace) -> int:
+    """Print a model's metadata: sizes, parameter count, rates, limits and source checkpoint."""
     model = load_model(args)
     print(json.dumps(model.metadata(), indent=2, default=str))
     model.close()
