@@ -1,6 +1,6 @@
 """Train the project's small demo model end to end with the project's own pipelines: one reproducible recipe.
 
-    python jobs/demo_model.py WORK                      # the full demo model: a few hours on 2 CPU cores
+    python jobs/demo_model.py WORK                      # the full demo model: about 1 h on 2 idle CPU cores
     python jobs/demo_model.py WORK --use-gpu            # the LM stage (and encoding, generation) on a GPU
 
 Stages, in order; each is skipped when its output exists, so rerunning the same command after a crash resumes
