@@ -45,6 +45,31 @@ def text_attention_mask(text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return keys[:, None, None, :], has_text.to(torch.float32)[:, None, None]
 
 
+# Largest number of rows for which `Linear` takes its CPU inference path (measured faster up to 64 rows; larger
+# products, as in prefill and training, stay on the stock kernel).
+CPU_FEW_ROWS = 64
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict keys) whose CPU inference on few rows computes `W @ x.T`.
+
+    Decoding steps multiply a handful of rows (2 per request with CFG) by every weight matrix, so on a CPU they
+    are bound by streaming the weights from memory. With this torch CPU build `F.linear` on 2-4 rows streams
+    them at ~10 GB/s on a 2-core machine, while the same product with the weight as the left operand reaches
+    ~40 GB/s (and is 1.1-1.3x faster at 16-64 rows): the small model's single-request step went from 137 ms to
+    about 45 ms. Training (grad enabled), GPUs and large products keep `F.linear`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if x.device.type != "cpu" or torch.is_grad_enabled() or rows > CPU_FEW_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        out = (self.weight @ x.reshape(rows, self.in_features).t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention with one fused q/k/v projection (audiocraft's `in_proj_weight`)."""
 
@@ -52,8 +77,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.in_proj = nn.Linear(config.dim, 3 * config.dim, bias=config.bias_attn)
-        self.out_proj = nn.Linear(config.dim, config.dim, bias=config.bias_attn)
+        self.in_proj = Linear(config.dim, 3 * config.dim, bias=config.bias_attn)
+        self.out_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, length, _ = x.shape
@@ -87,9 +112,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.dim, bias=config.bias_attn)
-        self.kv_proj = nn.Linear(config.dim, 2 * config.dim, bias=config.bias_attn)
-        self.out_proj = nn.Linear(config.dim, config.dim, bias=config.bias_attn)
+        self.q_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
+        self.kv_proj = Linear(config.dim, 2 * config.dim, bias=config.bias_attn)
+        self.out_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
 
     def project(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = text.shape
@@ -109,8 +134,8 @@ class CrossAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: AudioGenConfig) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(config.dim, config.ffn_dim, bias=config.bias_ff)
-        self.linear2 = nn.Linear(config.ffn_dim, config.dim, bias=config.bias_ff)
+        self.linear1 = Linear(config.dim, config.ffn_dim, bias=config.bias_ff)
+        self.linear2 = Linear(config.ffn_dim, config.dim, bias=config.bias_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(F.gelu(self.linear1(x)))
@@ -143,7 +168,7 @@ class LanguageModel(nn.Module):
         self.embeddings = nn.ModuleList(nn.Embedding(config.card + 1, config.dim) for _ in range(config.num_codebooks))
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.out_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
-        self.heads = nn.ModuleList(nn.Linear(config.dim, config.card, bias=False) for _ in range(config.num_codebooks))
+        self.heads = nn.ModuleList(Linear(config.dim, config.card, bias=False) for _ in range(config.num_codebooks))
         self.register_buffer(
             "positions", sinusoidal_table(config.max_steps, config.dim, config.positional_max_period), persistent=False
         )
