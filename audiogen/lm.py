@@ -45,9 +45,11 @@ def text_attention_mask(text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return keys[:, None, None, :], has_text.to(torch.float32)[:, None, None]
 
 
-# Largest number of rows for which `Linear` takes its CPU inference path (measured faster up to 64 rows; larger
-# products, as in prefill and training, stay on the stock kernel).
+# `Linear`'s CPU inference path: at most this many rows (measured faster up to 64; larger products, as in prefill
+# and training, stay on the stock kernel) and weights at least this large (smaller ones stay in cache, where the
+# stock kernel is as fast and the extra transposes would only add per-call overhead).
 CPU_FEW_ROWS = 64
+CPU_STREAMED_WEIGHT = 1 << 18
 
 
 class Linear(nn.Linear):
@@ -57,12 +59,13 @@ class Linear(nn.Linear):
     are bound by streaming the weights from memory. With this torch CPU build `F.linear` on 2-4 rows streams
     them at ~10 GB/s on a 2-core machine, while the same product with the weight as the left operand reaches
     ~40 GB/s (and is 1.1-1.3x faster at 16-64 rows): the small model's single-request step went from 137 ms to
-    about 45 ms. Training (grad enabled), GPUs and large products keep `F.linear`.
+    about 80 ms. Training (grad enabled), GPUs, large products and cache-sized weights keep `F.linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or torch.is_grad_enabled() or rows > CPU_FEW_ROWS:
+        if (x.device.type != "cpu" or torch.is_grad_enabled() or rows > CPU_FEW_ROWS
+                or self.weight.numel() < CPU_STREAMED_WEIGHT):
             return F.linear(x, self.weight, self.bias)
         out = (self.weight @ x.reshape(rows, self.in_features).t()).t()
         if self.bias is not None:
