@@ -2,6 +2,7 @@
 
     from audiogen import AudioGen
     model = AudioGen.from_pretrained("path/to/checkpoint")   # audiocraft, transformers or audiogen format
+    model = AudioGen.default()                               # or the embedded demo model
     clips = model.generate(["a dog barking in the rain"], duration=5.0, seed=1)
 """
 

@@ -198,7 +198,8 @@ def _encode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="Parquet or JSONL manifest (path/audio, caption, optional id, offset, "
                                          "duration, split), local or s3://")
     parser.add_argument("output", help="output directory or s3://bucket/prefix (codes/, errors/, summary.json)")
-    parser.add_argument("--codec", default="tiny", help="codec: 'tiny', an EnCodec directory or a model directory")
+    parser.add_argument("--codec", default="default", help="codec: 'default' (the embedded demo model's), 'tiny', "
+                                                           "an EnCodec directory or a model directory")
     parser.add_argument("--segment-seconds", type=float, default=10.0)
     last = parser.add_mutually_exclusive_group()
     last.add_argument("--pad-last", dest="pad_last", action="store_true", default=True,
@@ -245,8 +246,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--preset", help="train from scratch: LM size (tiny, small, medium, large)")
     start.add_argument("--init", help="fine-tune this model directory")
-    parser.add_argument("--base", default=None, help="from scratch: model directory (or 'tiny') providing the "
-                                                     "T5, its tokenizer and the codec the data was encoded with")
+    parser.add_argument("--base", default="default", help="from scratch: the model providing the T5, its tokenizer "
+                        "and the codec the data was encoded with: 'default' (the embedded demo model), 'tiny' or a "
+                        "model directory")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                         help="model config field for from-scratch runs, e.g. dim=256 or window_duration=10")
     parser.add_argument("--workers", type=int, default=2)

@@ -65,6 +65,10 @@ class CodecTrainingConfig:
     grad_clip: float = 10.0
     l1_weight: float = 1.0
     spectral_weight: float = 1.0
+    # Weight of -SI-SNR / 10 dB, the waveform (phase) term: with the spectral losses and L1 alone the demo codec
+    # learned magnitudes only (held-out SI-SNR -42 dB after 2000 steps, pitch of tones lost); with it, 400 steps
+    # already reached -8.5 dB training SI-SNR and the spectral loss fell faster too.
+    si_snr_weight: float = 1.0
     commitment_weight: float = 1.0
     ema_decay: float = 0.99
     kmeans_iters: int = 20
@@ -407,8 +411,22 @@ def _step(codec: Codec, rvq: RVQTrainer, spectral: MultiScaleSpectralLoss, audio
     output = codec.model.decoder(quantized)[..., : audio.shape[-1]]
     l1 = F.l1_loss(output, audio)
     spec = spectral(output, audio)
-    loss = config.l1_weight * l1 + config.spectral_weight * spec + config.commitment_weight * commitment
-    return {"loss": loss, "l1": l1.detach(), "spectral": spec.detach(), "commitment": commitment.detach()}
+    snr = batch_si_snr(output, audio)
+    loss = (config.l1_weight * l1 + config.spectral_weight * spec + config.commitment_weight * commitment
+            - config.si_snr_weight * snr / 10.0)
+    return {"loss": loss, "l1": l1.detach(), "spectral": spec.detach(), "si_snr": snr.detach(),
+            "commitment": commitment.detach()}
+
+
+def batch_si_snr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean scale-invariant SNR (dB) over the batch, differentiable; silent references are skipped."""
+    estimate, reference = estimate.reshape(-1, estimate.shape[-1]), reference.reshape(-1, reference.shape[-1])
+    energy = (reference * reference).sum(-1)
+    scale = (estimate * reference).sum(-1, keepdim=True) / (energy[:, None] + eps)
+    target = scale * reference
+    ratio = (target * target).sum(-1) / ((estimate - target) ** 2).sum(-1).clamp_min(eps)
+    valid = energy > eps
+    return (10 * torch.log10(ratio.clamp_min(eps)))[valid].mean() if bool(valid.any()) else energy.new_zeros(())
 
 
 def _lr_factor(step: int, config: CodecTrainingConfig) -> float:

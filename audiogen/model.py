@@ -88,6 +88,13 @@ class AudioGen:
         return cls(config, lm, text, loaded.codec, source=loaded.source, device=device, dtype=dtype)
 
     @classmethod
+    def default(cls, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AudioGen":
+        """The embedded demo model (`audiogen.defaults`): what every command uses when no model is given."""
+        from audiogen.defaults import default_model
+
+        return default_model(device=device, dtype=dtype)
+
+    @classmethod
     def from_onnx(cls, directory: str | os.PathLike[str], *, providers: list[Any] | None = None,
                   threads: int | None = None) -> "AudioGen":
         """Load a directory written by `audiogen export-onnx` (see `audiogen.onnx`): the same API and engine,
@@ -96,14 +103,17 @@ class AudioGen:
 
         return load_onnx_model(directory, providers=providers, threads=threads)
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the self-contained audiogen format (config.json, model.safetensors, text_encoder/, codec/)."""
+    def save_pretrained(self, directory: str | os.PathLike[str], *, weights_dtype: torch.dtype = torch.float32
+                        ) -> Path:
+        """Write the self-contained audiogen format (config.json, model.safetensors, text_encoder/, codec/).
+        `weights_dtype=torch.float16` stores the LM at half the size (it loads back in the model's dtype)."""
         from audiogen.checkpoints.native import save_native
 
         proj = self.text.output_proj
         return save_native(directory, config=self.config, lm_state=self.lm.state_dict(),
                            text_proj_state=proj.state_dict() if isinstance(proj, torch.nn.Linear) else None,
-                           t5=self.text.t5, tokenizer=self.text.tokenizer, codec=self.codec, source=self.source)
+                           t5=self.text.t5, tokenizer=self.text.tokenizer, codec=self.codec, source=self.source,
+                           weights_dtype=weights_dtype)
 
     def to(self, device: torch.device | str | None = None, lm_dtype: torch.dtype | None = None) -> "AudioGen":
         """Move the model. The LM takes `lm_dtype` (default: float32 on CPU, bfloat16 on CUDA); T5 and the codec

@@ -91,6 +91,19 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_tiny_model(seed: int = 0) -> Path:
+    """The deterministic tiny random model of `audiogen.testing` in a temp directory (audiogen format): the model
+    the tiny render and serve benchmarks were measured with (it was the embedded default then)."""
+    import tempfile
+
+    from audiogen.testing import tiny_model
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "model"
+    with tiny_model(seed=seed, device="cpu") as model:
+        model.save_pretrained(directory)
+    return directory
+
+
 def save_random_musicgen(size: str, *, seed: int = 0, window: float = 10.0) -> Path:
     """A random transformers MusicGen of preset `size` (tiny T5; EnCodec sized like AudioGen's for non-tiny
     sizes) saved with save_pretrained: every benchmarked system loads these same weights."""

@@ -4,7 +4,8 @@ Same weights for every row (a random transformers MusicGen saved with save_pretr
 Workloads: (a) offline, N requests with durations uniform in [low, high] s, all submitted at once;
 (b) online, Poisson arrivals. Rows:
 - `audiogen engine`: continuous batching (`Engine`; online requests stream, so their first-audio times are the
-  first streamed chunk; offline ones do not stream, as a batch renderer would not);
+  first streamed chunk; offline ones do not stream, as a batch renderer would not); offline also
+  `audiogen engine, longest first`, the admission order the batch renderer uses (`admission_order`);
 - `transformers static`: `MusicgenForConditionalGeneration.generate`, batches of the same size, each batch
   generating its longest request's length, the next batch formed from what has arrived when it ends;
 - `audiogen static`: our model and kernels with the same naive static batching (isolates the scheduling gain).
@@ -43,11 +44,11 @@ def _wait_until(t0: float, at: float) -> None:
 
 
 def run_engine(directory: Path, device: str, dtype: str | None, jobs: list[Job], slots: int, top_k: int,
-               stream: bool) -> dict:
+               stream: bool, admission_order: str = "arrival") -> dict:
     """Continuous batching. With `stream`, every request streams (first-audio = first chunk); without, a clip's
-    first audio is the whole clip (what an offline renderer does)."""
+    first audio is the whole clip (what an offline renderer does). `admission_order` as in `Engine`."""
     model = load_ours(directory, device=device, dtype=dtype)
-    engine = Engine(model, max_batch_slots=slots, dtype=model.dtype)
+    engine = Engine(model, max_batch_slots=slots, dtype=model.dtype, admission_order=admission_order)
     first: dict[int, float] = {}
     lock = threading.Lock()
     try:
@@ -70,7 +71,9 @@ def run_engine(directory: Path, device: str, dtype: str | None, jobs: list[Job],
         engine.shutdown()
     latencies = [r.timings.finished - (t0 + j.arrival) for r, j in zip(results, jobs)]
     first_audio = [first[j.index] - (t0 + j.arrival) for j in jobs] if stream else latencies
-    return summarize("audiogen engine" + (" (streaming)" if stream else ""), jobs, wall, latencies, first_audio,
+    label = "audiogen engine" + (" (streaming)" if stream else "") + (
+        ", longest first" if admission_order == "longest_first" else "")
+    return summarize(label, jobs, wall, latencies, first_audio,
                      steps=stats.steps, occupancy=stats.mean_occupancy / slots)
 
 
@@ -146,7 +149,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "static", "online"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "static", "online", "longest-first"])
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/...)")
     args = parser.parse_args()
 
@@ -161,6 +164,8 @@ def main() -> None:
 
     def measure(workload: list[Job], stream: bool) -> list[dict]:
         rows = [in_fresh_process(run_engine, *common, workload, args.slots, top_k, False)]
+        if not stream and "longest-first" not in args.skip:
+            rows.append(in_fresh_process(run_engine, *common, workload, args.slots, top_k, False, "longest_first"))
         if stream:
             rows.append(in_fresh_process(run_engine, *common, workload, args.slots, top_k, True))
         if "transformers" not in args.skip:

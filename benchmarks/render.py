@@ -1,7 +1,7 @@
 """Batch rendering throughput: this pipeline vs a plain `map_batches` with static batching of the same model.
 
 A mixed-duration manifest (default 1,000 rows, durations uniform in [low, high] s) rendered on a local Ray
-instance with the embedded tiny model, to local disk:
+instance with the tiny random model of `audiogen.testing` (`--model` for another checkpoint), to local disk:
 - `audiogen render`: `pipelines.render` (async engine actors, several batches in flight per actor, continuous
   batching across batch boundaries, exactly-once commit of audio + metadata);
 - `static map_batches`: a plain callable class that generates each Ray Data batch as one static batch (every
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import PROMPTS, environment, print_table, write_json  # noqa: E402
+from benchmarks.common import PROMPTS, environment, print_table, save_tiny_model, write_json  # noqa: E402
 from pipelines.manifest import RowDefaults  # noqa: E402
 from pipelines.render import RenderOptions, run_render  # noqa: E402
 
@@ -43,14 +43,14 @@ def make_manifest(directory: Path, rows: int, low: float, high: float) -> Path:
 class StaticBatchRenderer:
     """The naive baseline: one static batch per Ray Data batch, padded to its longest clip."""
 
-    def __init__(self, output: str, slots: int) -> None:
-        from audiogen.defaults import default_model
+    def __init__(self, output: str, slots: int, model: str) -> None:
+        from audiogen import AudioGen
         from audiogen.engine import Engine
         from audiogen.engine.cpu import reserve_cores_for_engine
         from pipelines.storage import Storage
 
         reserve_cores_for_engine()
-        self.model = default_model()
+        self.model = AudioGen.from_pretrained(model)
         self.engine = Engine(self.model, max_batch_slots=slots)
         self.storage = Storage(output)
 
@@ -69,13 +69,14 @@ class StaticBatchRenderer:
         return {"id": batch["id"], "audio_seconds": np.array(seconds)}
 
 
-def run_static(manifest: Path, output: str, actors: int, batch_size: int) -> dict:
+def run_static(manifest: Path, output: str, actors: int, batch_size: int, model: str) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()
     results = ray.data.read_parquet(str(manifest)).map_batches(
-        StaticBatchRenderer, batch_size=batch_size, fn_constructor_kwargs={"output": output, "slots": batch_size},
+        StaticBatchRenderer, batch_size=batch_size, fn_constructor_kwargs={"output": output, "slots": batch_size,
+                                                                          "model": model},
         compute=ActorPoolStrategy(size=actors), num_cpus=1).take_all()
     wall = time.perf_counter() - started
     return {"rows": len(results), "audio_s": sum(r["audio_seconds"] for r in results), "wall_s": wall}
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--max-duration", type=float, default=5.0)
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16, help="Ray Data batch = static batch = engine slots")
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the tiny random model)")
     parser.add_argument("--json", default="benchmarks/results/render_tiny_cpu.json")
     args = parser.parse_args()
 
@@ -96,13 +98,15 @@ def main() -> None:
     ray.init(num_cpus=max(2, args.actors + 1), include_dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="bench-render-"))
     manifest = make_manifest(work, args.rows, args.min_duration, args.max_duration)
+    model = args.model or str(save_tiny_model())
     print(f"# render benchmark: {args.rows} rows, durations {args.min_duration}-{args.max_duration} s, "
           f"{args.actors} actor(s), batch {args.batch_size}", flush=True)
 
     summary = run_render(RenderOptions(input=str(manifest), output=str(work / "pipeline"), defaults=RowDefaults(),
                                        min_actors=args.actors, max_actors=args.actors, batch_size=args.batch_size,
-                                       batches_per_actor=4, max_batch_slots=args.batch_size, progress=False))
-    static = run_static(manifest, str(work / "static"), args.actors, args.batch_size)
+                                       batches_per_actor=4, max_batch_slots=args.batch_size, progress=False,
+                                       model=model))
+    static = run_static(manifest, str(work / "static"), args.actors, args.batch_size, model)
     rows = [
         {"system": "audiogen render", "rows": summary["rows_rendered"], "audio_s": summary["audio_seconds"],
          "wall_s": summary["wall_seconds"]},

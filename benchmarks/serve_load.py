@@ -120,8 +120,9 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=float, default=2, help="CPUs of the (single) replica")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="engine threads (default: the replica's CPUs; 1 is steadier on a busy machine)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "medium", "large"],
-                        help="tiny: the embedded model; others: random weights of that size")
+    parser.add_argument("--size", default="tiny", choices=["demo", "tiny", "small", "medium", "large"],
+                        help="demo: the embedded demo model; tiny: the tiny random model of audiogen.testing; "
+                             "others: random weights of that size")
     parser.add_argument("--model", default=None, help="checkpoint directory (overrides --size)")
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--skip-unbatched", action="store_true")
@@ -134,10 +135,10 @@ def main() -> None:
     from pipelines.serve import make_app, unbatched_app
 
     model_path = args.model
-    if model_path is None and args.size != "tiny":
-        from benchmarks.common import save_random_musicgen
+    if model_path is None and args.size != "demo":
+        from benchmarks.common import save_random_musicgen, save_tiny_model
 
-        model_path = str(save_random_musicgen(args.size))
+        model_path = str(save_tiny_model() if args.size == "tiny" else save_random_musicgen(args.size))
     settings = {"model_path": model_path, "max_batch_slots": args.slots, "max_queued_requests": 2 * args.clients,
                 "request_timeout_s": args.request_timeout, "cpu_threads": args.cpu_threads}
     # the replica admits slots + queue; Serve's proxy queue holds any client beyond (no 503 in either run)

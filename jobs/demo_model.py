@@ -2,6 +2,7 @@
 
     python jobs/demo_model.py WORK                      # the full demo model: about 1 h on 2 idle CPU cores
     python jobs/demo_model.py WORK --use-gpu            # the LM stage (and encoding, generation) on a GPU
+    python jobs/demo_model.py WORK --ship audiogen/weights/demo   # then embed it as the package's default model
 
 Stages, in order; each is skipped when its output exists, so rerunning the same command after a crash resumes
 (the train stage also resumes its Ray Train run from the latest checkpoint). `--stages` runs a subset; delete a
@@ -19,7 +20,7 @@ stage's output to redo it (and the stages after it, which were built from it).
     train     WORK/runs/ (Ray Train checkpoints), WORK/model/ (the exported model, best held-out loss) and
               WORK/train_summary.json: `pipelines.train` from scratch, the held-out codes as validation set.
     evaluate  WORK/eval.json, WORK/samples/*.wav and WORK/model/MODEL_CARD.md: generate every held-out caption
-              with several seeds and measure what the caption promises (`audiogen.eval.audio_metrics`).
+              with several seeds and measure what the caption promises (`audiogen.eval.caption_checks`).
 
 The same model from the CLI (what the encode and train stages call):
 
@@ -175,11 +176,11 @@ def run_codec(work: Work, args: argparse.Namespace) -> None:
 
     def log(row: dict[str, float]) -> None:
         say(f"codec step {int(row['step'])}/{args.codec_steps}: loss {row['loss']:.3f} (spectral "
-            f"{row['spectral']:.3f}, l1 {row['l1']:.4f}), codes used {row.get('used_q0', 0.0):.2f}, "
-            f"{row['seconds']:.0f} s")
+            f"{row['spectral']:.3f}, l1 {row['l1']:.4f}, SI-SNR {row['si_snr']:.1f} dB), codes used "
+            f"{row.get('used_q0', 0.0):.2f}, {row['seconds']:.0f} s")
 
     codec, report = train_codec(str(work.manifest("train")), args.codec_steps, codec_options=codec_options(args),
-                                seed=args.seed, batch_size=args.codec_batch,
+                                seed=args.seed, batch_size=args.codec_batch, lr=args.codec_lr,
                                 segment_seconds=min(1.0, args.clip_seconds), log=log)
     heldout = evaluate_codec(codec, load_clips(str(work.manifest("heldout")), codec.sample_rate))
     say(f"codec: held-out SI-SNR {heldout['si_snr_mean']:.2f} dB (median {heldout['si_snr_median']:.2f})")
@@ -268,36 +269,6 @@ def run_train(work: Work, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
-CHECKS = {"tone": "pitch", "sweep": "sweep_direction", "beat": "tempo", "noise": "noise_colour"}
-
-
-def target(spec: Any) -> Any:
-    """What the caption of a measured kind promises: a note's frequency, a direction, a tempo or a colour."""
-    return {"tone": spec.frequency, "sweep": spec.direction, "beat": spec.tempo, "noise": spec.color}[spec.kind]
-
-
-def measure(spec: Any, audio: np.ndarray, sample_rate: int) -> dict[str, Any]:
-    """Check the property its caption names (`CHECKS[spec.kind]`) on `audio`. Silence never passes (its flat
-    spectrum would otherwise count as white noise)."""
-    from audiogen.eval import audio_metrics as metrics
-
-    if float(np.max(np.abs(audio))) < 1e-3:
-        return {"value": "silent", "ok": False}
-    if spec.kind == "tone":
-        pitch = metrics.dominant_pitch(audio, sample_rate)
-        error = pitch.error_semitones(spec.frequency)
-        return {"value": pitch.hz, "error_semitones": error, "ok": bool(abs(error) <= 1.0)}
-    if spec.kind == "sweep":
-        sweep = metrics.sweep_direction(audio, sample_rate)
-        return {"value": sweep.direction, "slope": sweep.slope, "ok": sweep.direction == spec.direction}
-    if spec.kind == "beat":
-        tempo = metrics.beat_tempo(audio, sample_rate)
-        error = tempo.error(spec.tempo)
-        return {"value": tempo.bpm, "relative_error": error, "ok": bool(error <= 0.05)}
-    colour = metrics.noise_colour(audio, sample_rate)
-    return {"value": colour.colour, "slope": colour.slope, "ok": colour.colour == spec.color}
-
-
 def rates(items: list[dict[str, Any]], source: str) -> dict[str, dict[str, Any]]:
     """Pass counts and rates per check of one audio source (generated, reference or codec)."""
     table: dict[str, dict[str, Any]] = {}
@@ -318,6 +289,8 @@ def run_evaluate(work: Work, args: argparse.Namespace) -> None:
     from audiogen.model import AudioGen
 
     started = time.perf_counter()
+    from audiogen.eval.caption_checks import CHECKS
+
     rows = synth.read_manifest(work.manifest("heldout"))[: args.eval_clips]
     measured = [row for row in rows if row["spec"].kind in CHECKS]
     model = AudioGen.from_pretrained(work.model, device="cuda" if args.use_gpu else "cpu")
@@ -346,6 +319,7 @@ def evaluate_rows(model: Any, rows: list[dict[str, Any]], work: Work, args: argp
                   ) -> list[dict[str, Any]]:
     """Per held-out row: its check on every seed's generation, on the reference clip and on the codec round
     trip. The first seed's generation is kept in WORK/samples for listening."""
+    from audiogen.eval.caption_checks import CHECKS, check, target
     from audiogen.io import read_audio, write_audio
 
     seeds = list(range(args.eval_seeds))
@@ -363,8 +337,8 @@ def evaluate_rows(model: Any, rows: list[dict[str, Any]], work: Work, args: argp
         round_trip = model.decode(model.encode(reference, rate))[0]
         items.append({"id": row["id"], "caption": row["caption"], "kind": spec.kind, "check": CHECKS[spec.kind],
                       "target": target(spec),
-                      "generated": [dict(measure(spec, clip[0], rate), seed=seed) for seed, clip in zip(seeds, clips)],
-                      "reference": measure(spec, reference, rate), "codec": measure(spec, round_trip, rate)})
+                      "generated": [dict(check(spec, clip[0], rate), seed=seed) for seed, clip in zip(seeds, clips)],
+                      "reference": check(spec, reference, rate), "codec": check(spec, round_trip, rate)})
     return items
 
 
@@ -396,10 +370,6 @@ INTRO = ("A small text-to-audio model trained from scratch by `jobs/demo_model.p
          "knows only those sounds and the words of `audiogen/data/words.txt` (other words are spelled out in "
          "characters it never saw): its text encoder is a random, frozen T5 with a word-level tokenizer, so every "
          "word's meaning was learned from the corpus alone.")
-CHECK_RULES = {"pitch": "dominant pitch within 1 semitone of the captioned note",
-               "sweep_direction": "pitch moves in the captioned direction",
-               "tempo": "beat tempo within 5 % of the captioned bpm",
-               "noise_colour": "spectral slope nearest the captioned colour (0 / -3 / -6 dB per octave)"}
 
 
 def data_section(args: argparse.Namespace) -> list[str]:
@@ -442,6 +412,8 @@ def lm_section(work: Work, args: argparse.Namespace, meta: dict[str, Any]) -> li
 
 
 def evaluation_section(args: argparse.Namespace, evaluation: dict[str, Any]) -> list[str]:
+    from audiogen.eval.caption_checks import RULES
+
     lines = ["## Measured on held-out captions", "",
              f"{evaluation['measured_clips']} captions x {len(evaluation['seeds'])} seeds, {args.clip_seconds:g} s, "
              "default sampling. Reference: the same check on the corpus clip; codec: on its codec round trip (the "
@@ -451,7 +423,7 @@ def evaluation_section(args: argparse.Namespace, evaluation: dict[str, Any]) -> 
     for check in table["generated"]:
         cells = [f"{table[s][check]['ok']}/{table[s][check]['n']} ({table[s][check]['rate']:.0%})"
                  for s in ("generated", "reference", "codec")]
-        lines.append(f"| {check} | {CHECK_RULES[check]} | {' | '.join(cells)} |")
+        lines.append(f"| {check} | {RULES[check]} | {' | '.join(cells)} |")
     if evaluation["unmeasured_kinds"]:
         lines += ["", "Not measured (no single property to check): " + ", ".join(
             f"{kind} ({count})" for kind, count in sorted(evaluation["unmeasured_kinds"].items()))]
@@ -471,7 +443,7 @@ def recipe_flags(args: argparse.Namespace) -> list[str]:
     """Every option of this run as flags, defaults included, so the card does not depend on future defaults."""
     flags = []
     for name, value in vars(args).items():
-        if name in ("work", "stages") or value is False:
+        if name in ("work", "stages", "ship") or value is False:
             continue
         flags += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return flags
@@ -514,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     codec = parser.add_argument_group("codec")
     codec.add_argument("--codec-steps", type=int, default=2000)
     codec.add_argument("--codec-batch", type=int, default=16, help="1 s crops per step")
+    codec.add_argument("--codec-lr", type=float, default=1e-2, help="peak learning rate (cosine to a tenth)")
     codec.add_argument("--codec-card", type=int, default=256, help="codes per codebook (also the LM's card)")
     codec.add_argument("--codec-filters", type=int, default=8, help="SEANet base filters")
     codec.add_argument("--codec-hidden", type=int, default=64, help="latent width")
@@ -523,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--layers", type=int, default=6)
     lm.add_argument("--heads", type=int, default=8)
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--steps", type=int, default=2000)
     train.add_argument("--batch-size", type=int, default=16, help="clips per worker and step")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--warmup-steps", type=int, default=200)
@@ -535,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-clips", type=int, default=64, help="held-out captions to generate")
     evaluation.add_argument("--eval-seeds", type=int, default=3, help="generations per caption")
+    parser.add_argument("--ship", type=Path, default=None, metavar="DIR",
+                        help="after the stages, write the model (float16 weights), its card and quality.json to DIR "
+                             "(audiogen/weights/demo embeds it in the package)")
     return parser
 
 
@@ -565,7 +541,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         record_stage(work, stage.name, seconds)
         say(f"{stage.name}: finished in {seconds:.1f} s")
+    if args.ship is not None:
+        missing = [s.name for s in STAGES if not s.done(work)]
+        if missing:
+            raise SystemExit(f"--ship needs the stages {', '.join(missing)} first")
+        ship(work, args.ship.expanduser().resolve())
     return 0
+
+
+def ship(work: Work, destination: Path) -> None:
+    """Write the evaluated model where the package embeds it (`audiogen/weights/demo`): the native format with
+    float16 LM weights (half the size; the quality tests in tests/test_demo_model.py measure this copy), its
+    model card and the measured rates (quality.json, without the per-clip items)."""
+    import torch
+
+    from audiogen.model import AudioGen
+
+    model = AudioGen.from_pretrained(work.model, device="cpu")
+    try:
+        model.save_pretrained(destination, weights_dtype=torch.float16)
+    finally:
+        model.close()
+    card = (work.model / "MODEL_CARD.md").read_text()
+    (destination / "MODEL_CARD.md").write_text(card.replace(
+        "## Data", "Shipped as `audiogen/weights/demo` with float16 LM weights (`jobs/demo_model.py --ship`).\n\n"
+        "## Data", 1))
+    evaluation = {key: value for key, value in read_json(work.eval).items() if key != "items"}
+    write_json(destination / "quality.json", evaluation)
+    size = sum(path.stat().st_size for path in destination.rglob("*") if path.is_file())
+    say(f"ship: {destination} ({size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

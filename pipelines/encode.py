@@ -66,7 +66,7 @@ CAPTION_COLUMNS = ("caption", "description", "text", "prompt")
 class EncodeOptions:
     manifest: str
     output: str
-    codec: str = "tiny"  # "tiny[:SEED]", a codec directory, or a model directory (its codec)
+    codec: str = "default"  # "default" (the embedded demo model's), "tiny[:SEED]", a codec or model directory
     segment_seconds: float = 10.0
     pad_last: bool = True
     min_seconds: float = 1.0
@@ -298,7 +298,11 @@ def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def local_model(spec: str, storage_options: dict[str, Any] | None = None) -> str:
-    """`tiny[:SEED]` or a local directory as is; a remote (`s3://`) model directory copied to a local cache."""
+    """`tiny[:SEED]` or a local directory as is, `default` as the embedded demo model's directory; a remote
+    (`s3://`) model directory copied to a local cache."""
+    from audiogen.defaults import resolve_model_spec
+
+    spec = resolve_model_spec(spec)
     if spec == "tiny" or spec.startswith("tiny:") or "://" not in spec:
         return spec
     import fsspec
@@ -312,8 +316,9 @@ def local_model(spec: str, storage_options: dict[str, Any] | None = None) -> str
 
 
 def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """`tiny` / `tiny:SEED` (the codec of `audiogen.testing.tiny_model`), an EnCodec directory
-    (`Codec.save_pretrained`), or a model directory of any supported format (its codec); local or s3://."""
+    """`default` (the embedded demo model's), `tiny` / `tiny:SEED` (the codec of `audiogen.testing.tiny_model`),
+    an EnCodec directory (`Codec.save_pretrained`), or a model directory of any supported format (its codec);
+    local or s3://."""
     from pathlib import Path
 
     from audiogen.codec import Codec

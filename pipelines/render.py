@@ -205,8 +205,9 @@ class RenderWorker:
         self.storage = Storage(options.output, options.storage_options)
         self.model = load_render_model(options.model, num_gpus=options.num_gpus, dtype=options.dtype,
                                        backend=options.backend)
+        # a batch ends with its last clip: longest first keeps the slots full until then
         self.engine = Engine(self.model, max_batch_slots=options.max_batch_slots, dtype=self.model.dtype,
-                             max_queued_requests=1_000_000)
+                             max_queued_requests=1_000_000, admission_order="longest_first")
         self.model_name = self.model.config.name
         self.model_checksum = self.model.checksum()
         context = ray.get_runtime_context()

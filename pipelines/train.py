@@ -1,8 +1,9 @@
 """Train or fine-tune the LM on encoded (caption, codes) shards with Ray Train (`TorchTrainer`).
 
     from-scratch:  LM of a size preset (`tiny`, `small`, ...), freshly initialised; the T5 + tokenizer it is
-                   conditioned on and the codec its codes come from are those of `base` (a model directory, or
-                   `tiny`), which also fixes the codebook count, card, rates and text width.
+                   conditioned on and the codec its codes come from are those of `base` (`default`: the embedded
+                   demo model; `tiny`; or a model directory), which also fixes the codebook count, card, rates and
+                   text width.
     fine-tune:     `init` is a model directory (any format `AudioGen.from_pretrained` reads): its LM and text
                    projection are trained further, its T5 and codec are kept.
 
@@ -51,7 +52,8 @@ class TrainOptions:
     name: str = "audiogen-train"
     preset: str | None = None  # from scratch: LM size preset
     init: str | None = None  # fine-tune: model to start from
-    base: str | None = None  # T5 + tokenizer + codec for from-scratch runs ("tiny" or a model directory)
+    base: str = "default"  # T5 + tokenizer + codec for from-scratch runs: "default" (the embedded demo model),
+    # "tiny[:SEED]" or a model directory
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields (from scratch)
     training: dict[str, Any] = field(default_factory=dict)  # audiogen.training.TrainingConfig fields
     workers: int = 2
@@ -80,9 +82,6 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.init is None):
             raise ValueError("give exactly one of preset (train from scratch) or init (fine-tune a model)")
-        if self.preset is not None and self.base is None:
-            raise ValueError("training from scratch needs base: a model directory (or 'tiny') that provides the "
-                             "T5 text encoder, its tokenizer and the codec the data was encoded with")
         if self.init is not None and self.overrides:
             raise ValueError("model config overrides only apply to from-scratch training (preset)")
         if self.strategy not in ("ddp", "fsdp"):

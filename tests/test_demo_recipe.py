@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
 
 from audiogen import AudioGen
 
@@ -94,3 +96,19 @@ def test_rerun_skips_every_finished_stage(micro_run, capsys):
     out = capsys.readouterr().out
     assert all(f"[demo] {stage}: done before, skipped" in out for stage in STAGES), out
     assert [path.stat().st_mtime_ns for path in watched] == before
+
+
+def test_ship_writes_the_package_copy_with_float16_weights(micro_run, tmp_path):
+    recipe, work = micro_run
+    shipped = tmp_path / "weights" / "demo"
+    assert recipe.main([str(work), *MICRO, "--ship", str(shipped)]) == 0
+    assert {"MODEL_CARD.md", "quality.json", "config.json", "model.safetensors", "text_encoder", "codec"} <= {
+        path.name for path in shipped.iterdir()}
+    with safe_open(shipped / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float16}
+    quality = json.loads((shipped / "quality.json").read_text())
+    assert "items" not in quality
+    assert quality["rates"] == json.loads((work / "eval.json").read_text())["rates"]
+    assert "float16" in (shipped / "MODEL_CARD.md").read_text()
+    with AudioGen.from_pretrained(shipped, device="cpu") as model:
+        assert model.generate("a low sine tone at c3", duration=0.5, seed=0)[0].shape == (1, 8000)

@@ -147,7 +147,7 @@ def test_encode_local_end_to_end_errors_and_resume(ray_local, tmp_path, capsys):
     for row in rows:
         per_file.setdefault(row["caption"] if row["id"] != "clip-a" else "clip-a", []).append(row)
     assert {k: len(v) for k, v in per_file.items()} == _segments_expected()
-    codec = load_codec("tiny")
+    codec = load_codec("default")  # the embedded demo model's codec: the CLI's default
     assert {r["codec_checksum"] for r in rows} == {codec.checksum()}
     assert all(r["frames"] == 50 and r["n_segments"] == len(per_file[k]) for k, v in per_file.items() for r in v)
     # the padded last segment of the 1.5 s clip has 25 real frames; the offsets follow the segments

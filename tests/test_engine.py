@@ -107,6 +107,19 @@ def test_request_arriving_while_others_run_is_admitted_before_they_finish(tiny):
         assert short_result.timings.admitted < min(h.result(timeout=60).timings.finished for h in long)
 
 
+@pytest.mark.parametrize("order, expected", [("arrival", [0.4, 2.0, 1.0]), ("longest_first", [2.0, 1.0, 0.4])])
+def test_admission_order_picks_which_queued_request_takes_a_free_slot(tiny, order, expected):
+    with Engine(tiny, max_batch_slots=1, admission_order=order) as engine:
+        blocker = engine.submit(GenerationRequest(prompt="rain", duration=3.0, seed=0))
+        while engine.stats.steps < 2:
+            time.sleep(0.001)
+        queued = [engine.submit(GenerationRequest(prompt="beep", duration=d, seed=1)) for d in (0.4, 2.0, 1.0)]
+        assert not blocker.done()
+        results = [h.result(timeout=60) for h in queued]
+    admitted = sorted(results, key=lambda r: r.timings.admitted)
+    assert [r.codes.shape[1] / 50 for r in admitted] == expected
+
+
 def test_async_generate_and_stream(tiny):
     async def main(engine):
         result = await engine.generate(GenerationRequest(prompt="beep", duration=0.5, seed=3))
@@ -157,6 +170,8 @@ def test_engine_argument_and_memory_checks(tiny):
         Engine(tiny, max_steps_per_slot=10)
     with pytest.raises(InvalidConfigError, match="max_batch_slots"):
         Engine(tiny, max_batch_slots=0)
+    with pytest.raises(InvalidConfigError, match="admission_order.*longest_first"):
+        Engine(tiny, admission_order="shortest")
     with pytest.raises(ResourceLimitError, match="max_batch_slots=.*GiB"):
         Engine(tiny, max_batch_slots=10**9)
 

@@ -140,6 +140,23 @@ def test_save_and_load_roundtrip(tmp_path, tiny):
         loaded.close()
 
 
+def test_float16_storage_halves_the_weights_and_loads_as_float32(tmp_path, tiny):
+    full = tiny.save_pretrained(tmp_path / "full")
+    half = tiny.save_pretrained(tmp_path / "half", weights_dtype=torch.float16)
+    full_bytes, half_bytes = ((p / "model.safetensors").stat().st_size for p in (full, half))
+    assert half_bytes < 0.55 * full_bytes
+    loaded = AudioGen.from_pretrained(half, device="cpu")
+    try:
+        assert loaded.dtype == torch.float32
+        for name, weight in tiny.lm.state_dict().items():
+            stored = loaded.lm.state_dict()[name]
+            assert torch.equal(stored, weight.to(torch.float16).to(torch.float32)), name
+    finally:
+        loaded.close()
+    with pytest.raises(ValueError, match="weights_dtype"):
+        tiny.save_pretrained(tmp_path / "int", weights_dtype=torch.int8)
+
+
 def test_metadata_and_presets(tiny):
     meta = tiny.metadata()
     assert meta["sample_rate"] == 16000 and meta["codebooks"] == 4

@@ -20,11 +20,12 @@ GRAPHS = ("text_encoder.onnx", "lm_step.onnx", "audio_decoder.onnx")
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tmp_path_factory):
-    """The embedded default model (= tiny_model(seed=0), the `tiny` fixture) exported by the CLI."""
-    directory = tmp_path_factory.mktemp("onnx") / "tiny"
-    assert main(["export-onnx", "default", str(directory)]) == 0
-    return directory
+def onnx_dir(tmp_path_factory, tiny):
+    """The `tiny` fixture model, saved and exported by the CLI."""
+    root = tmp_path_factory.mktemp("onnx")
+    tiny.save_pretrained(root / "model")
+    assert main(["export-onnx", str(root / "model"), str(root / "tiny")]) == 0
+    return root / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,8 @@ def test_cli_generate_with_onnx_backend(onnx_dir, tmp_path, capsys):
 
     base = ["generate", "a dog barking", "--duration", "0.5", "--seed", "4", "--temperature", "0"]
     assert main(base + ["-o", str(tmp_path / "onnx.wav"), "--model", str(onnx_dir), "--backend", "onnx"]) == 0
-    assert main(base + ["-o", str(tmp_path / "torch.wav"), "--backend", "torch"]) == 0
+    assert main(base + ["-o", str(tmp_path / "torch.wav"), "--model", str(onnx_dir.parent / "model"),
+                        "--backend", "torch"]) == 0
     a, _ = sf.read(tmp_path / "onnx.wav", dtype="float32")
     b, _ = sf.read(tmp_path / "torch.wav", dtype="float32")
     assert a.shape == b.shape and np.abs(a - b).max() <= 2 / 32768  # PCM16 files: at most a rounding step

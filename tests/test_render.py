@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from audiogen.defaults import default_model_path
 from pipelines.manifest import RowDefaults
 from pipelines.render import RenderOptions, progress_actor_name, run_render
 from pipelines.storage import Storage
@@ -46,6 +48,10 @@ def _options(manifest, output, **extra):
                          batches_per_actor=2, max_batch_slots=4, progress=False, **extra)
 
 
+DEFAULT_MODEL_CONFIG = json.loads((default_model_path() / "config.json").read_text())["config"]
+DEFAULT_MODEL_NAME = DEFAULT_MODEL_CONFIG["name"]
+
+
 def _check_output(storage: Storage, expected_ids: set[str], expected_errors: set[str]) -> None:
     metadata = storage.read_tables("metadata")
     ids = metadata["id"].to_pylist()
@@ -57,7 +63,7 @@ def _check_output(storage: Storage, expected_ids: set[str], expected_errors: set
         assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["bytes"]
         samples, rate = sf.read(io.BytesIO(data), always_2d=True)
         assert rate == row["sample_rate"] == 16000 and samples.shape[0] == row["num_samples"]
-        assert row["model"] == "audiogen" and len(row["model_checksum"]) == 64
+        assert row["model"] == DEFAULT_MODEL_NAME and len(row["model_checksum"]) == 64
     errors = storage.read_tables("errors")
     error_ids = [] if errors is None else errors["id"].to_pylist()
     assert sorted(error_ids) == sorted(expected_errors), "errors table holds exactly the bad rows"
@@ -79,7 +85,7 @@ def test_render_local_end_to_end_with_bad_rows(ray_local, tmp_path):
     _check_output(storage, good, {"empty", "negative", "too-long", "dog-1"})
     errors = storage.read_tables("errors").to_pylist()
     too_long = next(e for e in errors if e["id"] == "too-long")
-    assert too_long["field"] == "duration" and "6.0" in too_long["message"]
+    assert too_long["field"] == "duration" and f"<= {DEFAULT_MODEL_CONFIG['max_duration']:.1f} s" in too_long["message"]
     assert summary["rows_read"] == 9 and summary["rows_rendered"] == 5 and summary["rows_failed"] == 4
     assert all(name.startswith(("dog-1", "rain_", "r-", "bell")) for name in storage.list("audio"))
     assert storage.exists("_SUCCESS")

@@ -200,5 +200,10 @@ def test_cli_maps_train_arguments(monkeypatch, capsys):
     assert (training.grad_accum, training.schedule, training.warmup_steps, training.cfg_dropout_mode,
             training.max_steps) == (2, "cosine", 5, "batch", 50)
     assert json.loads(capsys.readouterr().out)["metrics"]["step"] == 3
-    assert main(["train", "d", "--storage", "s", "--preset", "tiny"]) == 2  # from scratch needs --base
-    assert "needs base" in capsys.readouterr().err
+    assert main(["train", "d", "--storage", "s", "--preset", "tiny"]) == 0  # no --base: the embedded demo model's
+    assert (captured["options"].preset, captured["options"].base) == ("tiny", "default")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # argparse: --init and --preset are mutually exclusive
+        main(["train", "d", "--storage", "s", "--preset", "tiny", "--init", "m"])
+    assert exited.value.code == 2
+    assert "--init" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 ```
 config.json          {"format": "audiogen", "format_version": 1, "config": {...}, "text_projection": bool, ...}
-model.safetensors    lm.* (native LM keys) and text_proj.* (T5 -> LM projection)
+model.safetensors    lm.* (native LM keys) and text_proj.* (T5 -> LM projection); float32, or float16/bfloat16
+                     when saved with `weights_dtype` (loading casts them to the model's dtype)
 text_encoder/        T5EncoderModel.save_pretrained + its tokenizer
 codec/               EncodecModel.save_pretrained + audiogen_codec.json (see audiogen.codec)
 ```
@@ -28,6 +29,7 @@ from audiogen.text import load_text_encoder
 
 FORMAT_VERSION = 1
 REQUIRED = ("config.json", "model.safetensors", "text_encoder", "codec")
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def load_native(root: Path, *, text_encoder: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
@@ -53,15 +55,20 @@ def load_native(root: Path, *, text_encoder: str | os.PathLike[str] | None = Non
 
 def save_native(directory: str | os.PathLike[str], *, config: AudioGenConfig, lm_state: dict[str, torch.Tensor],
                 text_proj_state: dict[str, torch.Tensor] | None, t5: Any, tokenizer: Any, codec: Codec,
-                source: dict[str, Any]) -> Path:
-    """Write the directory atomically: everything goes to a sibling temp dir that replaces the target."""
+                source: dict[str, Any], weights_dtype: torch.dtype = torch.float32) -> Path:
+    """Write the directory atomically: everything goes to a sibling temp dir that replaces the target.
+
+    `weights_dtype` is the storage type of the LM and projection weights: float16 halves the file of a model that
+    ships inside the package (the demo model), at a rounding error far below what sampling notices."""
+    if weights_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(map(str, STORAGE_DTYPES))}, got {weights_dtype}")
     target = Path(directory).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tensors = {f"lm.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in lm_state.items()}
+        tensors = {f"lm.{k}": v.detach().to("cpu", weights_dtype).contiguous() for k, v in lm_state.items()}
         if text_proj_state is not None:
-            tensors.update({f"text_proj.{k}": v.detach().to("cpu", torch.float32).contiguous()
+            tensors.update({f"text_proj.{k}": v.detach().to("cpu", weights_dtype).contiguous()
                             for k, v in text_proj_state.items()})
         save_file(tensors, staging / "model.safetensors", metadata={"format": "audiogen"})
         t5.save_pretrained(staging / "text_encoder")

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ADMISSION_ORDERS = ("arrival", "longest_first")
+
 
 class Engine:
     """Iteration-level batching over a fixed set of decoding slots.
@@ -46,14 +48,22 @@ class Engine:
     stream_chunk_frames / stream_context_frames / stream_lookahead_frames: streaming granularity and overlap.
     decode_audio: False returns codes only (for callers that decode elsewhere).
     cpu_threads: intra-op threads of the engine thread on CPU (default: see `audiogen.engine.cpu`).
+    admission_order: which queued requests take free slots. "arrival" (first come, first served) is fair to
+    online traffic. "longest_first" admits the longest queued clip first: for offline work (a render batch,
+    a list of prompts) whose end is the last clip's end, it leaves only short clips for the tail, so slots stay
+    full until the end (the longest-processing-time rule for makespan); a short clip may wait behind longer
+    ones, which is why online serving does not use it.
     """
 
     def __init__(self, model: "AudioGen", *, max_batch_slots: int = 16, max_steps_per_slot: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
                  max_queued_requests: int = 1024, decode_audio: bool = True, stream_chunk_frames: int = 25,
                  stream_context_frames: int = 50, stream_lookahead_frames: int = 4,
-                 memory_fraction: float = 0.9, cpu_threads: int | None = None) -> None:
+                 memory_fraction: float = 0.9, cpu_threads: int | None = None,
+                 admission_order: str = "arrival") -> None:
         config = model.config
+        if admission_order not in ADMISSION_ORDERS:
+            raise InvalidConfigError("admission_order", f"must be one of {ADMISSION_ORDERS} (got {admission_order!r})")
         if max_batch_slots < 1:
             raise InvalidConfigError("max_batch_slots", f"must be >= 1 (got {max_batch_slots})")
         steps = config.max_steps if max_steps_per_slot is None else max_steps_per_slot
@@ -74,6 +84,7 @@ class Engine:
         self.batch = SlotBatch(model.lm, max_slots=max_batch_slots, max_frames=config.max_frames,
                                device=self.device, dtype=self.dtype)
         self.max_queued = max_queued_requests
+        self.admission_order = admission_order
         self.decode_audio = decode_audio
         self.stream_chunk = stream_chunk_frames
         self.stream_context = stream_context_frames
@@ -179,7 +190,7 @@ class Engine:
                 self._wake.wait()
             if self._closing:
                 return False
-            admitted = [self._queue.popleft() for _ in range(min(self.batch.free, len(self._queue)))]
+            admitted = self._take_queued(min(self.batch.free, len(self._queue)))
         if admitted:
             self._admit(admitted)
         self._drop_cancelled()
@@ -195,6 +206,15 @@ class Engine:
         if not self._audio.threaded:
             self._audio.drain()
         return True
+
+    def _take_queued(self, count: int) -> list[RequestHandle]:
+        """Remove and return the `count` queued requests to admit now, in `admission_order` (caller holds the lock)."""
+        if self.admission_order == "arrival" or count >= len(self._queue):
+            return [self._queue.popleft() for _ in range(count)]
+        chosen = sorted(self._queue, key=lambda handle: -handle.request.total_frames)[:count]  # stable: ties by arrival
+        for handle in chosen:
+            self._queue.remove(handle)
+        return chosen
 
     def _admit(self, handles: list[RequestHandle]) -> None:
         texts: list[str] = []
