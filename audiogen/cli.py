@@ -109,8 +109,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 
     from audiogen.loading import open_model
 
-    model = open_model(None if args.model == "default" else args.model, backend="torch",
-                       text_encoder=args.text_encoder, device="cpu", dtype="float32")
+    model = open_model(args.model, backend="torch", text_encoder=args.text_encoder, device="cpu", dtype="float32")
     try:
         out = export_onnx(model, args.output, opset=args.opset, verify=not args.no_verify)
     finally:

@@ -10,11 +10,11 @@ from audiogen.errors import InvalidRequestError
 def open_model(model: str | None, *, backend: str | None = None, text_encoder: str | None = None,
                device: str | None = None, dtype: str | None = None):
     """Load a model for any command (generate, render actors, serve replicas): `model` is a checkpoint
-    directory, an ONNX export directory or None (the embedded default); `backend` is "torch", "onnx" or None
-    (onnx exactly when `model` is a directory with `audiogen_onnx.json`)."""
+    directory, an ONNX export directory, or None / `default` (the embedded default); `backend` is "torch", "onnx"
+    or None (onnx exactly when `model` is a directory with `audiogen_onnx.json`)."""
     import torch
 
-    from audiogen.defaults import default_model
+    from audiogen.defaults import DEFAULT_MODEL, resolve_model_spec
     from audiogen.model import AudioGen
 
     if backend is None:
@@ -33,6 +33,5 @@ def open_model(model: str | None, *, backend: str | None = None, text_encoder: s
     if backend != "torch":
         raise InvalidRequestError("backend", f"unknown backend {backend!r}", limit="torch or onnx")
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if model is None:
-        return default_model(device=device, dtype=torch_dtype)
-    return AudioGen.from_pretrained(model, text_encoder=text_encoder, device=device, dtype=torch_dtype)
+    return AudioGen.from_pretrained(resolve_model_spec(model or DEFAULT_MODEL), text_encoder=text_encoder,
+                                    device=device, dtype=torch_dtype)

@@ -286,11 +286,10 @@ def run_evaluate(work: Work, args: argparse.Namespace) -> None:
     """Generate each held-out caption with `--eval-seeds` seeds and check it; the same checks on the reference
     clip and on its codec round trip give the ceilings the LM is judged against (metric and codec errors)."""
     from audiogen.data import synth
+    from audiogen.eval.caption_checks import CHECKS
     from audiogen.model import AudioGen
 
     started = time.perf_counter()
-    from audiogen.eval.caption_checks import CHECKS
-
     rows = synth.read_manifest(work.manifest("heldout"))[: args.eval_clips]
     measured = [row for row in rows if row["spec"].kind in CHECKS]
     model = AudioGen.from_pretrained(work.model, device="cuda" if args.use_gpu else "cpu")

@@ -94,7 +94,7 @@ class TrainOptions:
 
     @property
     def model_spec(self) -> str:
-        return self.init if self.init is not None else self.base  # type: ignore[return-value]
+        return self.init if self.init is not None else self.base
 
     def training_config(self) -> Any:
         from audiogen.training import TrainingConfig
