@@ -67,7 +67,9 @@ class Linear(nn.Linear):
         if (x.device.type != "cpu" or torch.is_grad_enabled() or rows > CPU_FEW_ROWS
                 or self.weight.numel() < CPU_STREAMED_WEIGHT):
             return F.linear(x, self.weight, self.bias)
-        out = (self.weight @ x.reshape(rows, self.in_features).t()).t()
+        # Contiguous, as F.linear's output is: a transposed view would give scaled_dot_product_attention queries
+        # with a strided head dimension, which sends it down the math path that copies all cached keys and values.
+        out = (self.weight @ x.reshape(rows, self.in_features).t()).t().contiguous()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -548,6 +548,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def shipped_source(source: dict[str, Any]) -> dict[str, Any]:
+    """Provenance for the shipped copy: the recipe and the exported step, without the build machine's paths
+    (they mean nothing in an installed package)."""
+    return {"format": "audiogen-demo", "recipe": "jobs/demo_model.py", "step": source.get("step"),
+            "base_seed": source.get("base", {}).get("seed")}
+
+
 def ship(work: Work, destination: Path) -> None:
     """Write the evaluated model where the package embeds it (`audiogen/weights/demo`): the native format with
     float16 LM weights (half the size; the quality tests in tests/test_demo_model.py measure this copy), its
@@ -557,6 +564,7 @@ def ship(work: Work, destination: Path) -> None:
     from audiogen.model import AudioGen
 
     model = AudioGen.from_pretrained(work.model, device="cpu")
+    model.source = shipped_source(model.source)
     try:
         model.save_pretrained(destination, weights_dtype=torch.float16)
     finally:

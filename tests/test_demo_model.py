@@ -79,7 +79,10 @@ def test_codec_round_trip_on_held_out_audio(demo):
 
 def test_the_default_model_is_the_shipped_demo_with_its_card(demo):
     directory = defaults.default_model_path()
-    assert json.loads((directory / "config.json").read_text())["config"] == demo.config.to_dict()
+    shipped = json.loads((directory / "config.json").read_text())
+    assert shipped["config"] == demo.config.to_dict()
+    assert shipped["source"]["recipe"] == "jobs/demo_model.py", "provenance names the recipe, not build paths"
+    assert "/" not in json.dumps({k: v for k, v in shipped["source"].items() if k != "recipe"})
     card = (directory / "MODEL_CARD.md").read_text()
     quality = json.loads((directory / "quality.json").read_text())
     assert "## Measured on held-out captions" in card

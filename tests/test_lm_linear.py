@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from audiogen import lm
+from audiogen.config import AudioGenConfig
+from audiogen.kv_cache import KVCache
 from audiogen.lm import CPU_FEW_ROWS, CPU_STREAMED_WEIGHT, Linear
 
 
@@ -19,6 +21,7 @@ def test_few_rows_path_matches_f_linear(bias, shape):
     with torch.inference_mode():
         out = layer(x)
     assert out.shape == (*shape[:-1], 512)
+    assert out.is_contiguous(), "F.linear's output is contiguous; downstream kernels rely on it"
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
@@ -38,3 +41,24 @@ def test_stock_kernel_where_the_fast_path_does_not_apply(monkeypatch):
         small(torch.randn(2, 64))  # cache-sized weight
     big(torch.randn(2, 1024))  # grad enabled (training)
     assert len(calls) == 3
+
+
+def test_decoding_step_gives_attention_queries_with_a_dense_head_dimension(monkeypatch):
+    """A query whose head dimension is strided sends CPU scaled_dot_product_attention down its math path, which
+    copies every cached key and value on each call (it made the small model's 32-row step ~2x slower). The fast path's transposed
+    product must therefore not leak out of `Linear`."""
+    config = AudioGenConfig.preset("tiny", dim=512, num_heads=8, num_layers=1, ffn_dim=512)
+    model = lm.LanguageModel(config).eval()
+    assert model.layers[0].self_attn.in_proj.weight.numel() >= CPU_STREAMED_WEIGHT  # the fast path applies
+    rows, length = 4, 10
+    cache = KVCache(num_layers=1, rows=rows, num_heads=8, head_dim=64, max_steps=config.max_steps, text_tokens=3,
+                    device="cpu", dtype=torch.float32)
+    cache.text_mask[:, :2] = True
+    queries = []
+    real_attention = lm.F.scaled_dot_product_attention
+    monkeypatch.setattr(lm.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: queries.append(q.stride(-1) == 1) or real_attention(q, *args, **kwargs))
+    with torch.inference_mode():
+        model.step(torch.zeros(rows, config.num_codebooks, dtype=torch.long), torch.full((rows,), length - 1), cache,
+                   rows, length)
+    assert queries == [True, True]  # self- and cross-attention
