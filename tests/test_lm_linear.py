@@ -45,8 +45,8 @@ def test_stock_kernel_where_the_fast_path_does_not_apply(monkeypatch):
 
 def test_decoding_step_gives_attention_queries_with_a_dense_head_dimension(monkeypatch):
     """A query whose head dimension is strided sends CPU scaled_dot_product_attention down its math path, which
-    copies every cached key and value on each call (it made the small model's 32-row step ~2x slower). The fast path's transposed
-    product must therefore not leak out of `Linear`."""
+    copies every cached key and value on each call (it made the small model's 32-row step ~2x slower). The fast
+    path's transposed product must therefore not leak out of `Linear`."""
     config = AudioGenConfig.preset("tiny", dim=512, num_heads=8, num_layers=1, ffn_dim=512)
     model = lm.LanguageModel(config).eval()
     assert model.layers[0].self_attn.in_proj.weight.numel() >= CPU_STREAMED_WEIGHT  # the fast path applies
@@ -56,8 +56,11 @@ def test_decoding_step_gives_attention_queries_with_a_dense_head_dimension(monke
     cache.text_mask[:, :2] = True
     queries = []
     real_attention = lm.F.scaled_dot_product_attention
-    monkeypatch.setattr(lm.F, "scaled_dot_product_attention",
-                        lambda q, *args, **kwargs: queries.append(q.stride(-1) == 1) or real_attention(q, *args, **kwargs))
+    def recording_attention(q, *args, **kwargs):
+        queries.append(q.stride(-1) == 1)
+        return real_attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(lm.F, "scaled_dot_product_attention", recording_attention)
     with torch.inference_mode():
         model.step(torch.zeros(rows, config.num_codebooks, dtype=torch.long), torch.full((rows,), length - 1), cache,
                    rows, length)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -211,7 +212,8 @@ class Engine:
         """Remove and return the `count` queued requests to admit now, in `admission_order` (caller holds the lock)."""
         if self.admission_order == "arrival" or count >= len(self._queue):
             return [self._queue.popleft() for _ in range(count)]
-        chosen = sorted(self._queue, key=lambda handle: -handle.request.total_frames)[:count]  # stable: ties by arrival
+        # nlargest == sorted(reverse=True)[:count], stable (ties by arrival), without sorting the whole queue
+        chosen = heapq.nlargest(count, self._queue, key=lambda handle: handle.request.total_frames)
         for handle in chosen:
             self._queue.remove(handle)
         return chosen
