@@ -7,14 +7,15 @@
 """
 
 from audiogen.config import AudioGenConfig
-from audiogen.engine import Engine, GenerationRequest, GenerationResult
-from audiogen.errors import (CheckpointError, InvalidConfigError, InvalidRequestError, MissingCheckpointFileError,
-                             QueueFullError, RequestCancelledError)
+from audiogen.engine import Engine, EngineSnapshot, GenerationRequest, GenerationResult
+from audiogen.errors import (CheckpointError, EngineClosedError, InvalidConfigError, InvalidRequestError,
+                             MissingCheckpointFileError, QueueFullError, RequestCancelledError)
 from audiogen.model import AudioGen
+from audiogen.sampling_params import SamplingParams
 
 __all__ = [
-    "AudioGen", "AudioGenConfig", "CheckpointError", "Engine", "GenerationRequest", "GenerationResult",
-    "InvalidConfigError", "InvalidRequestError", "MissingCheckpointFileError", "QueueFullError",
-    "RequestCancelledError",
+    "AudioGen", "AudioGenConfig", "CheckpointError", "Engine", "EngineClosedError", "EngineSnapshot",
+    "GenerationRequest", "GenerationResult", "InvalidConfigError", "InvalidRequestError",
+    "MissingCheckpointFileError", "QueueFullError", "RequestCancelledError", "SamplingParams",
 ]
 __version__ = "0.1.0"

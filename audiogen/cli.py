@@ -14,7 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from audiogen.cli_options import add_options, from_args
 from audiogen.errors import CheckpointError, InvalidRequestError, MissingCheckpointFileError
+from audiogen.sampling_params import SamplingParams
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
@@ -54,12 +56,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="text description of the sound")
     parser.add_argument("-o", "--output", required=True, help="output file (.wav/.flac/.ogg, local or s3://)")
     parser.add_argument("--duration", type=float, default=None, help="seconds (default: the model's default)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
+    add_options(parser, SamplingParams)
     parser.add_argument("--normalize", action="store_true", help="peak-normalise to -1 dBFS")
     add_model_arguments(parser)
 
@@ -70,12 +67,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from audiogen.engine import GenerationRequest
     from audiogen.io import peak_normalize, write_audio
 
+    request = GenerationRequest(prompt=args.prompt, duration=args.duration, sampling=from_args(SamplingParams, args))
     model = load_model(args)
     with model:
-        result = model.run([GenerationRequest(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, duration=args.duration, seed=args.seed,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            guidance_scale=args.guidance_scale)])[0]
+        result = model.run([request])[0]
     audio = peak_normalize(result.audio) if args.normalize else result.audio
     size = write_audio(args.output, audio, model.sample_rate)
     print(json.dumps({"output": args.output, "seed": result.seed, "duration": result.duration, "bytes": size,

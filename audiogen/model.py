@@ -12,7 +12,7 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from audiogen.engine import Engine, GenerationRequest, GenerationResult
 from audiogen.errors import CheckpointError, InvalidRequestError
 from audiogen.io import convert_audio
 from audiogen.lm import LanguageModel
+from audiogen.sampling_params import SamplingParams
 from audiogen.text import TextConditioner
 
 _LIVE_MODELS: "weakref.WeakSet[AudioGen]" = weakref.WeakSet()
@@ -117,13 +118,15 @@ class AudioGen:
 
     def to(self, device: torch.device | str | None = None, lm_dtype: torch.dtype | None = None) -> "AudioGen":
         """Move the model. The LM takes `lm_dtype` (default: float32 on CPU, bfloat16 on CUDA); T5 and the codec
-        always stay float32, as audiocraft runs them."""
+        always stay float32, as audiocraft runs them. A running engine is closed (its cache is on the old device)."""
         device = torch.device(device) if device is not None else self.device
         if lm_dtype is None:
             lm_dtype = next(self.lm.parameters()).dtype if device == self.device else (
                 torch.float32 if device.type == "cpu" else torch.bfloat16)
         if device.type == "cpu" and lm_dtype == torch.float16:
             raise InvalidRequestError("dtype", "float16 is not supported on the CPU", limit="float32 or bfloat16")
+        if (device, lm_dtype) != (self.device, self.dtype):
+            self.close()  # the engine's cache lives on the old device and dtype; the next use builds a new one
         self.lm.to(device=device, dtype=lm_dtype)
         self.text.to(device=device, dtype=torch.float32)
         self.codec.to(device=device, dtype=torch.float32)
@@ -152,12 +155,12 @@ class AudioGen:
         """The model's own engine, created on first use (see `start_engine` to size it)."""
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self, max_batch_slots=16 if self.device.type == "cpu" else 64,
-                                      dtype=self.dtype)
+                self._engine = Engine(self, max_batch_slots=16 if self.device.type == "cpu" else 64)
             return self._engine
 
     def start_engine(self, **options: Any) -> Engine:
-        """(Re)create the model's engine with explicit options (max_batch_slots, dtype, compile, ...)."""
+        """(Re)create the model's engine with explicit options (max_batch_slots, compile, ...); it runs on the
+        model's device and dtype (`to` changes them)."""
         with self._engine_lock:
             if self._engine is not None:
                 self._engine.shutdown()
@@ -179,22 +182,23 @@ class AudioGen:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: str | Sequence[str], *, duration: float = 5.0,
-                 negative_prompts: str | Sequence[str] | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
-                 seed: int | Sequence[int] | None = None) -> list[np.ndarray]:
+                 negative_prompts: str | Sequence[str] | None = None, seed: int | Sequence[int] | None = None,
+                 **sampling: Any) -> list[np.ndarray]:
         """One clip per prompt, float32 [channels, samples] at `sample_rate`.
 
-        `seed` (int) gives prompt i the seed `seed + i`; a list gives each prompt its own. The same seed and
-        parameters reproduce a clip exactly, whatever else is generated at the same time.
+        `seed` (int) gives prompt i the seed `seed + i`; a list gives each prompt its own; `negative_prompts` one
+        for all or one per prompt. `sampling` takes the other `SamplingParams` fields (`temperature`, `top_k`,
+        `top_p`, `guidance_scale`). The same seed and parameters reproduce a clip exactly, whatever else is
+        generated at the same time.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InvalidRequestError("prompts", "no prompt given", limit="at least one prompt")
+        shared = SamplingParams(**sampling)
         negatives = _per_prompt("negative_prompts", negative_prompts, len(prompts), str)
         seeds = _seeds(seed, len(prompts))
-        requests = [GenerationRequest(prompt=p, negative_prompt=n, duration=duration, seed=s,
-                                      temperature=temperature, top_k=top_k, top_p=top_p,
-                                      guidance_scale=guidance_scale)
+        requests = [GenerationRequest(prompt=p, duration=duration,
+                                      sampling=replace(shared, negative_prompt=n, seed=s))
                     for p, n, s in zip(prompts, negatives, seeds)]
         return [result.audio for result in self.run(requests)]
 
@@ -207,44 +211,37 @@ class AudioGen:
         return self.generate([prompt], duration=duration, **options)[0]
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Submit requests to the engine together and wait for all of them (results in request order)."""
-        engine = self.engine
-        handles = []
-        try:
-            for request in requests:
-                handles.append(engine.submit(request))
-            return [handle.result() for handle in handles]
-        except BaseException:
-            for handle in handles:
-                engine.cancel(handle)
-            raise
+        """Generate requests together (results in request order), stepping the engine in the calling thread."""
+        return self.engine.run(requests)
 
     def continue_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, prompt: str | None = None, *,
-                       extension_seconds: float = 5.0, keep_original: bool = True, **options: Any) -> np.ndarray:
+                       extension_seconds: float = 5.0, keep_original: bool = True, **sampling: Any) -> np.ndarray:
         """Extend a recording: its codes are the forced prefix, the LM continues them for `extension_seconds`.
 
         Returns input + extension at `sample_rate` of the model. With `keep_original`, the input itself is kept
         and only the new part comes from the codec (joined with a one-frame crossfade); otherwise the whole
         clip is the codec's resynthesis.
         """
-        edit = self.continuation_request(audio, sample_rate, prompt, extension_seconds=extension_seconds, **options)
+        edit = self.continuation_request(audio, sample_rate, prompt, extension_seconds=extension_seconds,
+                                         sampling=SamplingParams(**sampling))
         return edit.finish(self._run_one(edit.request).audio, keep_original=keep_original)
 
     def inpaint_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
-                      prompt: str | None = None, *, keep_original: bool = True, **options: Any) -> np.ndarray:
+                      prompt: str | None = None, *, keep_original: bool = True, **sampling: Any) -> np.ndarray:
         """Regenerate the masked parts of a recording (`mask` per input sample, True = regenerate).
 
         A frame is regenerated when any of its samples is masked; every other frame keeps its original codes
         (teacher forcing), so the LM continues from the real context around each gap. With `keep_original`,
         unmasked audio is the input itself and only the gaps come from the codec (short crossfades at edges).
         """
-        edit = self.inpaint_request(audio, sample_rate, mask, prompt, **options)
+        edit = self.inpaint_request(audio, sample_rate, mask, prompt, sampling=SamplingParams(**sampling))
         return edit.finish(self._run_one(edit.request).audio, keep_original=keep_original)
 
     def continuation_request(self, audio: np.ndarray | torch.Tensor, sample_rate: int, prompt: str | None = None,
-                             *, extension_seconds: float = 5.0, **options: Any) -> AudioEdit:
+                             *, extension_seconds: float = 5.0, sampling: SamplingParams | None = None,
+                             request_id: str | None = None) -> AudioEdit:
         """The engine request of `continue_audio` (validated input, encoded prefix) and how to finish its audio:
-        for callers that await the engine themselves (the HTTP server). `options` are `GenerationRequest` fields."""
+        for callers that await the engine themselves (the HTTP server)."""
         original = self._prepare_audio(audio, sample_rate)
         hop = self.codec.hop_length
         prefix_frames = original.shape[-1] // hop
@@ -258,11 +255,12 @@ class AudioGen:
         codes = self.encode(original, self.sample_rate)
         total = prefix_frames + int(round(extension_seconds * self.frame_rate))
         request = GenerationRequest(prompt=prompt or "", duration=total / self.frame_rate, prefix_codes=codes,
-                                    **options)
+                                    sampling=sampling or SamplingParams(), request_id=request_id)
         return AudioEdit(request, original, keep=[(0, original.shape[-1])], fade=hop)
 
     def inpaint_request(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
-                        prompt: str | None = None, **options: Any) -> AudioEdit:
+                        prompt: str | None = None, *, sampling: SamplingParams | None = None,
+                        request_id: str | None = None) -> AudioEdit:
         """The engine request of `inpaint_audio` (validated input and mask, encoded codes, frame mask) and how
         to finish its audio (see `continuation_request`)."""
         mask = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)
@@ -281,8 +279,8 @@ class AudioGen:
         frame_mask[np.minimum(times[mask], frames - 1)] = True
         padded = np.pad(original, ((0, 0), (0, frames * hop - original.shape[-1])))
         codes = self.encode(padded, self.sample_rate)
-        request = GenerationRequest(prompt=prompt or "", inpaint_codes=codes,
-                                    inpaint_mask=torch.from_numpy(frame_mask), **options)
+        request = GenerationRequest(prompt=prompt or "", inpaint_codes=codes, inpaint_mask=torch.from_numpy(frame_mask),
+                                    sampling=sampling or SamplingParams(), request_id=request_id)
         kept = _runs(~frame_mask)
         return AudioEdit(request, original, keep=[(a * hop, min(b * hop, original.shape[-1])) for a, b in kept],
                          fade=min(hop, 160), trim=original.shape[-1])

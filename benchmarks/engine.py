@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from audiogen import GenerationRequest  # noqa: E402
+from audiogen.sampling_params import SamplingParams
 from audiogen.engine import Engine  # noqa: E402
 from benchmarks.common import (Job, environment, in_fresh_process, load_ours, load_transformers,  # noqa: E402
                                offline_workload, poisson_workload, print_table, save_random_musicgen, summarize,
@@ -48,7 +49,7 @@ def run_engine(directory: Path, device: str, dtype: str | None, jobs: list[Job],
     """Continuous batching. With `stream`, every request streams (first-audio = first chunk); without, a clip's
     first audio is the whole clip (what an offline renderer does). `admission_order` as in `Engine`."""
     model = load_ours(directory, device=device, dtype=dtype)
-    engine = Engine(model, max_batch_slots=slots, dtype=model.dtype, admission_order=admission_order)
+    engine = Engine(model, max_batch_slots=slots, admission_order=admission_order)
     first: dict[int, float] = {}
     lock = threading.Lock()
     try:
@@ -62,8 +63,9 @@ def run_engine(directory: Path, device: str, dtype: str | None, jobs: list[Job],
                     with lock:
                         first.setdefault(index, time.perf_counter())
 
-            handles.append(engine.submit(GenerationRequest(prompt=job.prompt, duration=job.duration, seed=job.seed,
-                                                           top_k=top_k), on_chunk=on_chunk if stream else None))
+            request = GenerationRequest(prompt=job.prompt, duration=job.duration,
+                                        sampling=SamplingParams(seed=job.seed, top_k=top_k))
+            handles.append(engine.submit(request, on_chunk=on_chunk if stream else None))
         results = [h.result() for h in handles]
         wall = time.perf_counter() - t0
         stats = engine.stats
@@ -118,11 +120,11 @@ def run_transformers_static(directory: Path, device: str, dtype: str | None, job
 def run_our_static(directory: Path, device: str, dtype: str | None, jobs: list[Job], batch_size: int,
                    top_k: int) -> dict:
     model = load_ours(directory, device=device, dtype=dtype)
-    engine = Engine(model, max_batch_slots=batch_size, dtype=model.dtype)
+    engine = Engine(model, max_batch_slots=batch_size)
 
     def run_batch(batch: list[Job], frames: int) -> None:
-        handles = [engine.submit(GenerationRequest(prompt=j.prompt, duration=frames / FRAME_RATE, seed=j.seed,
-                                                   top_k=top_k)) for j in batch]
+        handles = [engine.submit(GenerationRequest(prompt=j.prompt, duration=frames / FRAME_RATE,
+                                                   sampling=SamplingParams(seed=j.seed, top_k=top_k))) for j in batch]
         for handle in handles:
             handle.result()
 

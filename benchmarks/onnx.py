@@ -41,7 +41,7 @@ PROMPTS = ["a dog barking in the rain", "a siren rising and falling", "rain on a
 
 def measure(backend: str, directory: str, args: dict) -> dict:
     """One backend in this (fresh) process: warm-up, latency, throughput, greedy codes for the parity check."""
-    from audiogen import AudioGen, GenerationRequest
+    from audiogen import AudioGen, GenerationRequest, SamplingParams
     from audiogen.engine.cpu import reserve_cores_for_engine
 
     threads = reserve_cores_for_engine()
@@ -51,17 +51,18 @@ def measure(backend: str, directory: str, args: dict) -> dict:
     load_s = time.perf_counter() - started
     engine = model.start_engine(max_batch_slots=args["slots"])
     try:
-        model.run([GenerationRequest(prompt="warm up", duration=0.2, seed=0)])
+        model.run([GenerationRequest(prompt="warm up", duration=0.2, sampling=SamplingParams(seed=0))])
         latencies, step_ms = [], []
         for repeat in range(args["repeats"]):
             steps, seconds = engine.stats.steps, engine.stats.step_seconds
             t0 = time.perf_counter()
             result = model.run([GenerationRequest(prompt=PROMPTS[0], duration=args["latency_duration"],
-                                                  temperature=0.0, seed=repeat)])[0]
+                                                  sampling=SamplingParams(temperature=0.0, seed=repeat))])[0]
             latencies.append(time.perf_counter() - t0)
             step_ms.append(1000 * (engine.stats.step_seconds - seconds) / max(1, engine.stats.steps - steps))
         codes = result.codes
-        requests = [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], duration=args["duration"], seed=i)
+        requests = [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], duration=args["duration"],
+                                      sampling=SamplingParams(seed=i))
                     for i in range(args["requests"])]
         steps, seconds, occupied = engine.stats.steps, engine.stats.step_seconds, engine.stats.occupied_slot_steps
         t0 = time.perf_counter()

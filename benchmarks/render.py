@@ -55,11 +55,12 @@ class StaticBatchRenderer:
         self.storage = Storage(output)
 
     def __call__(self, batch: dict) -> dict:
-        from audiogen.engine import GenerationRequest
+        from audiogen import GenerationRequest, SamplingParams
         from audiogen.io import encode_audio
 
         longest = float(max(batch["duration"]))
-        handles = [self.engine.submit(GenerationRequest(prompt=str(p), duration=longest, seed=int(s)))
+        handles = [self.engine.submit(GenerationRequest(prompt=str(p), duration=longest,
+                                                        sampling=SamplingParams(seed=int(s))))
                    for p, s in zip(batch["prompt"], batch["seed"])]
         seconds = []
         for handle, row_id, duration in zip(handles, batch["id"], batch["duration"]):

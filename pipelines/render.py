@@ -206,7 +206,7 @@ class RenderWorker:
         self.model = load_render_model(options.model, num_gpus=options.num_gpus, dtype=options.dtype,
                                        backend=options.backend)
         # a batch ends with its last clip: longest first keeps the slots full until then
-        self.engine = Engine(self.model, max_batch_slots=options.max_batch_slots, dtype=self.model.dtype,
+        self.engine = Engine(self.model, max_batch_slots=options.max_batch_slots,
                              max_queued_requests=1_000_000, admission_order="longest_first")
         self.model_name = self.model.config.name
         self.model_checksum = self.model.checksum()
@@ -239,12 +239,11 @@ class RenderWorker:
     async def _render(self, row: dict[str, Any]) -> tuple[dict[str, Any] | None, RowError | None]:
         from audiogen.engine import GenerationRequest
         from audiogen.errors import InvalidRequestError
+        from audiogen.sampling_params import SamplingParams
 
         started = time.perf_counter()
-        request = GenerationRequest(
-            prompt=row["prompt"], negative_prompt=row["negative_prompt"], duration=row["duration"],
-            seed=row["seed"], temperature=row["temperature"], top_k=row["top_k"], top_p=row["top_p"],
-            guidance_scale=row["guidance_scale"], request_id=row["id"])
+        request = GenerationRequest(prompt=row["prompt"], duration=row["duration"],
+                                    sampling=SamplingParams.from_mapping(row), request_id=row["id"])
         try:
             result = await self.engine.generate(request)
             record = await asyncio.to_thread(self._commit_audio, row, result, time.perf_counter() - started)
@@ -267,10 +266,9 @@ class RenderWorker:
         self.storage.write_bytes(f"audio/{name}", data)
         used = result.request
         return {
-            "id": row["id"], "file": name, "prompt": used.prompt, "negative_prompt": used.negative_prompt or None,
-            "duration": used.total_frames / self.model.frame_rate, "seed": used.seed,
-            "temperature": used.temperature, "top_k": used.top_k, "top_p": used.top_p,
-            "guidance_scale": used.guidance_scale, "sample_rate": result.sample_rate,
+            "id": row["id"], "file": name, "prompt": used.prompt,
+            **{**used.sampling.to_dict(), "negative_prompt": used.sampling.negative_prompt or None},
+            "duration": used.total_frames / self.model.frame_rate, "sample_rate": result.sample_rate,
             "channels": int(result.audio.shape[0]), "num_samples": int(result.audio.shape[-1]),
             "audio_duration": result.duration, "format": self.options.format, "subtype": subtype,
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "model": self.model_name,

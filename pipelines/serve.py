@@ -20,6 +20,7 @@ its built-in per-deployment series (serve_num_http_requests, serve_http_request_
 
 import asyncio
 import contextlib
+from dataclasses import replace
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from ray import serve
 from ray.serve import Application
 
 from audiogen.engine import GenerationRequest
-from audiogen.engine.request import MAX_SEED
+from audiogen.sampling_params import MAX_SEED, SamplingParams
 from audiogen.errors import EngineClosedError, InvalidRequestError, QueueFullError, RequestCancelledError
 from audiogen.io import SUPPORTED_FORMATS, OggStreamEncoder, encode_audio, pcm_bytes, read_audio, wav_stream_header
 
@@ -116,9 +117,8 @@ class SamplingFields(BaseModel):
     def _format(cls, value: str) -> str:
         return _check_format(value)
 
-    def sampling(self) -> dict[str, Any]:
-        return {"negative_prompt": self.negative_prompt, "seed": self.seed, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "guidance_scale": self.guidance_scale}
+    def sampling(self) -> SamplingParams:
+        return SamplingParams.from_mapping(self.model_dump())
 
 
 class GenerateBody(SamplingFields):
@@ -135,8 +135,7 @@ class GenerateBody(SamplingFields):
             raise _custom("prompt is empty", "at least one non-space character")
         return value
 
-    def request_fields(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "duration": self.duration, **self.sampling()}
+
 
 
 class ContinueBody(SamplingFields):
@@ -260,7 +259,8 @@ class _EngineCollector:
             steps.add_metric([replica, str(active)], count)
         yield steps
         yield _gauge("audiogen_queue_depth", "Requests waiting for a slot", replica, self.engine.queue_depth())
-        yield _gauge("audiogen_slots_in_use", "Slots decoding a request now", replica, self.engine.batch.active)
+        yield _gauge("audiogen_slots_in_use", "Slots decoding a request now", replica,
+                     self.engine.snapshot().busy_slots)
         yield _gauge("audiogen_slots_total", "Decoding slots of the engine", replica, stats.max_slots)
         yield _gauge("audiogen_mean_occupancy", "Average active slots per step since start", replica,
                      stats.mean_occupancy)
@@ -368,13 +368,12 @@ class AudioGenService:
         if torch.device(device).type == "cpu":
             reserve_cores_for_engine(self.settings.cpu_threads)
         self.model = self._load_model(device)
-        dtype = getattr(torch, self.settings.dtype) if self.settings.dtype else None
         slots, queued = self.settings.max_batch_slots, self.settings.max_queued_requests
         # `_admit` bounds what this replica has in the engine (slots + queue) and answers 503 beyond it, before a
         # request is built; the engine's own queue bound (which does not count requests free slots will take)
         # is the same limit, as a backstop.
         self.engine = self.model.start_engine(
-            max_batch_slots=slots, max_queued_requests=queued, dtype=dtype, compile=self.settings.compile,
+            max_batch_slots=slots, max_queued_requests=queued, compile=self.settings.compile,
             stream_chunk_frames=self.settings.stream_chunk_frames)
         self.capacity, self.in_engine, self.admission_rejected = slots + queued, 0, 0
         meta = self.model.metadata()
@@ -398,9 +397,9 @@ class AudioGenService:
     # ------------------------------------------------------------------ lifecycle
     def check_health(self) -> None:
         """Serve's periodic health check: a replica whose engine loop died is replaced."""
-        thread = getattr(self.engine, "_thread", None)
-        if thread is not None and not thread.is_alive():
-            raise RuntimeError("the engine loop is not running")
+        snapshot = self.engine.snapshot()
+        if not snapshot.alive:
+            raise RuntimeError(f"the engine is not running: {snapshot.error or 'shut down'}")
 
     def __del__(self) -> None:
         """Graceful shutdown (Serve waits for in-flight requests first): stop the engine threads."""
@@ -416,7 +415,7 @@ class AudioGenService:
         except RuntimeError as error:
             return JSONResponse({"status": "unhealthy", "reason": str(error)}, status_code=503)
         return JSONResponse({"status": "ok", "queue_depth": self.engine.queue_depth(),
-                             "slots_in_use": self.engine.batch.active})
+                             "slots_in_use": self.engine.snapshot().busy_slots})
 
     @api.get("/v1/models", summary="The loaded model: sample rate, limits, defaults")
     async def models(self) -> JSONResponse:
@@ -441,7 +440,7 @@ class AudioGenService:
     @api.get("/v1/stats", summary="Engine counters of this replica (JSON)")
     async def stats(self) -> JSONResponse:
         return JSONResponse({**self.engine.stats.as_dict(), "queue_depth": self.engine.queue_depth(),
-                             "slots_in_use": self.engine.batch.active, "in_engine": self.in_engine,
+                             "slots_in_use": self.engine.snapshot().busy_slots, "in_engine": self.in_engine,
                              "capacity": self.capacity, "admission_rejected": self.admission_rejected})
 
     @api.post("/v1/generate", summary="Text to audio (whole file, or streamed with stream=true)",
@@ -449,8 +448,15 @@ class AudioGenService:
     async def generate(self, body: GenerateBody, request: Request) -> Response:
         started = time.perf_counter()
         request_id = _request_id(request)
-        seed = secrets.randbits(63) if body.seed is None else body.seed  # known before streaming starts
-        engine_request = GenerationRequest(**{**body.request_fields(), "seed": seed}, request_id=request_id)
+        try:
+            sampling = body.sampling()
+        except InvalidRequestError as error:
+            response = error_from_exception(error, self.settings.retry_after_s).response()
+            METRICS.observe("/v1/generate", response.status_code, started)
+            return response
+        seed = secrets.randbits(63) if sampling.seed is None else sampling.seed  # known before streaming starts
+        engine_request = GenerationRequest(prompt=body.prompt, duration=body.duration,
+                                           sampling=replace(sampling, seed=seed), request_id=request_id)
         if body.stream:
             return await self._stream(engine_request, body.format, request_id, started)
 
@@ -476,7 +482,7 @@ class AudioGenService:
                 audio, rate = await asyncio.to_thread(self._decode_upload, data)
                 edit = await asyncio.to_thread(
                     self.model.continuation_request, audio, rate, body.prompt,
-                    extension_seconds=body.extension_seconds, request_id=_request_id(request), **body.sampling())
+                    extension_seconds=body.extension_seconds, request_id=_request_id(request), sampling=body.sampling())
                 result = await self.engine.generate(edit.request)
             return await self._finish_edit(edit, result, body.keep_original, body.format)
 
@@ -495,7 +501,7 @@ class AudioGenService:
                 mask = _sample_mask(body.mask, audio.shape[-1], rate, self.model.sample_rate,
                                     self.model.codec.hop_length)
                 edit = await asyncio.to_thread(self.model.inpaint_request, audio, rate, mask, body.prompt,
-                                               request_id=_request_id(request), **body.sampling())
+                                               request_id=_request_id(request), sampling=body.sampling())
                 result = await self.engine.generate(edit.request)
             return await self._finish_edit(edit, result, body.keep_original, body.format)
 
@@ -618,8 +624,8 @@ class AudioGenService:
                 METRICS.observe(endpoint, status, started, first_audio)
 
         media = SUPPORTED_FORMATS[fmt].mime_type
-        headers = {**_audio_headers(self.info, request_id, engine_request.seed, fmt), "Cache-Control": "no-store",
-                   "X-Accel-Buffering": "no"}
+        headers = {**_audio_headers(self.info, request_id, engine_request.sampling.seed, fmt),
+                   "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(body(), media_type=media, headers=headers)
 
     def _max_upload_seconds(self) -> float:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from audiogen import AudioGen, GenerationRequest
+from audiogen.sampling_params import SamplingParams
 from audiogen.codec import build_encodec
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
 from audiogen.patterns import build_delay_pattern
@@ -108,8 +109,8 @@ def test_greedy_generation_matches_transformers(ours, hf):
     with captured_codes(hf) as captured, torch.no_grad():
         reference_audio = hf.generate(**ours.text.tokenizer([PROMPT], return_tensors="pt"), do_sample=False,
                                       guidance_scale=3.0, max_new_tokens=frames + 3)[0].numpy()
-    result = ours.run([GenerationRequest(prompt=PROMPT, duration=frames / 50, temperature=0.0,
-                                         guidance_scale=3.0)])[0]
+    result = ours.run([GenerationRequest(prompt=PROMPT, duration=frames / 50,
+                                         sampling=SamplingParams(temperature=0.0, guidance_scale=3.0))])[0]
     assert torch.equal(result.codes, captured["codes"])
     assert result.audio.shape == reference_audio.shape == (1, frames * 320)
     assert np.abs(result.audio - reference_audio).max() < 1e-4

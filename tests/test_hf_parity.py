@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from audiogen import AudioGen, GenerationRequest
+from audiogen.sampling_params import SamplingParams
 from audiogen.patterns import build_delay_pattern
 
 PROMPTS = ["a dog barking in the rain", "low rumbling noise"]
@@ -70,7 +71,8 @@ def _hf_greedy(hf, tokenizer, prompt, frames, guidance=3.0):
 def test_greedy_generation_with_cfg_matches(ours, hf_dir, prompt, frames):
     hf = hf_dir[1]
     ref_codes, ref_audio = _hf_greedy(hf, ours.text.tokenizer, prompt, frames)
-    result = ours.run([GenerationRequest(prompt=prompt, duration=frames / 50, temperature=0.0, guidance_scale=3.0)])[0]
+    result = ours.run([GenerationRequest(prompt=prompt, duration=frames / 50,
+                                         sampling=SamplingParams(temperature=0.0, guidance_scale=3.0))])[0]
     assert torch.equal(result.codes, ref_codes)
     assert result.audio.shape == ref_audio.shape
     assert np.abs(result.audio - ref_audio).max() < 1e-4
@@ -81,13 +83,14 @@ def test_empty_prompt_is_transformers_unconditional_generation(ours, hf_dir):
     hf = hf_dir[1]
     with captured_codes(hf) as captured, torch.no_grad():
         hf.generate(**hf.get_unconditional_inputs(1), do_sample=False, max_new_tokens=20 + 3)
-    result = ours.run([GenerationRequest(prompt="", duration=20 / 50, temperature=0.0, guidance_scale=3.0)])[0]
+    result = ours.run([GenerationRequest(prompt="", duration=20 / 50,
+                                         sampling=SamplingParams(temperature=0.0, guidance_scale=3.0))])[0]
     assert torch.equal(result.codes, captured["codes"])
 
 
 def test_greedy_without_guidance_matches(ours, hf_dir):
     hf = hf_dir[1]
     ref_codes, _ = _hf_greedy(hf, ours.text.tokenizer, PROMPTS[1], 30, guidance=1.0)
-    result = ours.run([GenerationRequest(prompt=PROMPTS[1], duration=30 / 50, temperature=0.0,
-                                         guidance_scale=1.0)])[0]
+    result = ours.run([GenerationRequest(prompt=PROMPTS[1], duration=30 / 50,
+                                         sampling=SamplingParams(temperature=0.0, guidance_scale=1.0))])[0]
     assert torch.equal(result.codes, ref_codes)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from audiogen import AudioGen, AudioGenConfig, GenerationRequest, InvalidRequestError
+from audiogen.sampling_params import SamplingParams
 from audiogen.testing import tiny_model
 
 
@@ -26,10 +27,11 @@ def test_same_seed_same_clip_and_seed_offsets(tiny):
 
 
 def test_negative_prompt_changes_the_result(tiny):
-    base = tiny.run([GenerationRequest(prompt="dog", duration=0.6, seed=3)])[0]
-    neg = tiny.run([GenerationRequest(prompt="dog", negative_prompt="rain", duration=0.6, seed=3)])[0]
+    base = tiny.run([GenerationRequest(prompt="dog", duration=0.6, sampling=SamplingParams(seed=3))])[0]
+    neg = tiny.run([GenerationRequest(prompt="dog", duration=0.6,
+                                      sampling=SamplingParams(negative_prompt="rain", seed=3))])[0]
     assert not torch.equal(base.codes, neg.codes)
-    assert neg.request.negative_prompt == "rain"
+    assert neg.request.sampling.negative_prompt == "rain"
 
 
 def test_generate_music_default_duration_is_clamped_by_model(tiny):
@@ -39,13 +41,13 @@ def test_generate_music_default_duration_is_clamped_by_model(tiny):
 
 def test_extension_beyond_the_window(tiny):
     # tiny window is 2 s with a 1 s stride: 5 s takes 4 windows
-    result = tiny.run([GenerationRequest(prompt="long rumble", duration=5.0, seed=5)])[0]
+    result = tiny.run([GenerationRequest(prompt="long rumble", duration=5.0, sampling=SamplingParams(seed=5))])[0]
     assert result.codes.shape == (4, 250)
     assert result.audio.shape == (1, 250 * 320)
-    again = tiny.run([GenerationRequest(prompt="long rumble", duration=5.0, seed=5)])[0]
+    again = tiny.run([GenerationRequest(prompt="long rumble", duration=5.0, sampling=SamplingParams(seed=5))])[0]
     assert torch.equal(result.codes, again.codes)
     # the first window alone equals a window-length generation with the same seed
-    short = tiny.run([GenerationRequest(prompt="long rumble", duration=2.0, seed=5)])[0]
+    short = tiny.run([GenerationRequest(prompt="long rumble", duration=2.0, sampling=SamplingParams(seed=5))])[0]
     assert torch.equal(result.codes[:, :100], short.codes)
 
 
@@ -59,7 +61,8 @@ def test_continuation_keeps_the_prefix(tiny):
     resynth = tiny.continue_audio(source, tiny.sample_rate, "dog bark", extension_seconds=0.6, seed=4,
                                   keep_original=False)
     assert resynth.shape == out.shape and not np.array_equal(resynth[:, :49 * 320], source[:, :49 * 320])
-    result = tiny.run([GenerationRequest(prompt="dog bark", duration=1.6, seed=4, prefix_codes=codes)])[0]
+    result = tiny.run([GenerationRequest(prompt="dog bark", duration=1.6, prefix_codes=codes,
+                                         sampling=SamplingParams(seed=4))])[0]
     assert torch.equal(result.codes[:, :50], codes)
 
 
@@ -75,7 +78,7 @@ def test_inpainting_keeps_unmasked_codes(tiny):
     frame_mask = torch.zeros(50, dtype=torch.bool)
     frame_mask[20:30] = True
     result = tiny.run([GenerationRequest(prompt="a bell", inpaint_codes=codes, inpaint_mask=frame_mask,
-                                         seed=7)])[0]
+                                         sampling=SamplingParams(seed=7))])[0]
     assert torch.equal(result.codes[:, ~frame_mask], codes[:, ~frame_mask])
     assert not torch.equal(result.codes[:, frame_mask], codes[:, frame_mask])
     sample_mask = np.zeros(source.shape[-1], dtype=bool)
@@ -122,7 +125,7 @@ def test_bad_prompts_and_audio(tiny):
 
 
 def test_empty_prompt_is_unconditional(tiny):
-    result = tiny.run([GenerationRequest(prompt="", duration=0.3, seed=1)])[0]
+    result = tiny.run([GenerationRequest(prompt="", duration=0.3, sampling=SamplingParams(seed=1))])[0]
     assert result.codes.shape == (4, 15)
 
 

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from audiogen import (AudioGen, CheckpointError, Engine, GenerationRequest,  # noqa: E402
-                      MissingCheckpointFileError)
+from audiogen import (AudioGen, CheckpointError, GenerationRequest,  # noqa: E402
+                      MissingCheckpointFileError, SamplingParams)
 from audiogen.cli import main  # noqa: E402
 from audiogen.onnx.runtime import REQUIRED_FILES  # noqa: E402
 
@@ -35,13 +35,15 @@ def onnx_model(onnx_dir):
     model.close()
 
 
-def _requests(**common):
+def _requests(**sampling):
     """Several prompts and durations: within one window, beyond the tiny model's 2 s window (sliding-window
     extension with prefill), an empty prompt (null condition) and a negative prompt."""
-    return [GenerationRequest(prompt="a dog barking", duration=0.3, **common),
-            GenerationRequest(prompt="rain on a tin roof", duration=1.5, negative_prompt="thunder", **common),
-            GenerationRequest(prompt="", duration=0.5, **common),
-            GenerationRequest(prompt="a siren rising and falling in the distance", duration=4.4, **common)]
+    common = SamplingParams(**sampling)
+    return [GenerationRequest(prompt="a dog barking", duration=0.3, sampling=common),
+            GenerationRequest(prompt="rain on a tin roof", duration=1.5,
+                              sampling=SamplingParams(negative_prompt="thunder", **sampling)),
+            GenerationRequest(prompt="", duration=0.5, sampling=common),
+            GenerationRequest(prompt="a siren rising and falling in the distance", duration=4.4, sampling=common)]
 
 
 def _assert_same(ours, theirs):
@@ -74,16 +76,19 @@ def test_greedy_codes_and_audio_match_torch(onnx_model, tiny):
 
 
 def test_continuation_and_inpainting_match_torch(onnx_model, tiny):
-    prefix = tiny.run([GenerationRequest(prompt="wind", duration=2.6, seed=5)])[0].codes
+    prefix = tiny.run([GenerationRequest(prompt="wind", duration=2.6, sampling=SamplingParams(seed=5))])[0].codes
     known = prefix[:, :60].clone()
     mask = torch.zeros(60, dtype=torch.bool)
     mask[20:35] = True
 
     def requests():
         # A prefix longer than the 100-frame window: the first window starts late and is prefilled.
-        return [GenerationRequest(prompt="wind", duration=3.6, prefix_codes=prefix[:, :120], temperature=0.0),
-                GenerationRequest(prompt="wind", duration=1.0, prefix_codes=prefix[:, :30], temperature=0.0),
-                GenerationRequest(prompt="knock", inpaint_codes=known, inpaint_mask=mask, temperature=0.0)]
+        return [GenerationRequest(prompt="wind", duration=3.6, prefix_codes=prefix[:, :120],
+                                  sampling=SamplingParams(temperature=0.0)),
+                GenerationRequest(prompt="wind", duration=1.0, prefix_codes=prefix[:, :30],
+                                  sampling=SamplingParams(temperature=0.0)),
+                GenerationRequest(prompt="knock", inpaint_codes=known, inpaint_mask=mask,
+                                  sampling=SamplingParams(temperature=0.0))]
 
     _assert_same(onnx_model.run(requests()), tiny.run(requests()))
 
@@ -98,7 +103,7 @@ def test_seeded_sampling_matches_torch(onnx_model, tiny):
 
 
 def test_streaming_through_the_engine(onnx_model):
-    request = GenerationRequest(prompt="footsteps", duration=1.2, seed=2)
+    request = GenerationRequest(prompt="footsteps", duration=1.2, sampling=SamplingParams(seed=2))
     whole = onnx_model.run([request])[0].audio
 
     async def collect():
@@ -117,7 +122,7 @@ def test_metadata_and_limits(onnx_model, tiny):
     with pytest.raises(NotImplementedError, match="no audio encoder"):
         onnx_model.continue_audio(np.zeros(3200, dtype=np.float32), 16000, extension_seconds=0.5)
     with pytest.raises(ValueError, match="dtype"):
-        Engine(onnx_model, dtype=torch.bfloat16)
+        onnx_model.to(lm_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="codes"):
         onnx_model.decode(torch.full((4, 3), 64))
 
@@ -170,7 +175,7 @@ def test_stereo_export_matches_torch(tmp_path):
         export_onnx(model, tmp_path / "stereo")
         onnx_model = AudioGen.from_onnx(tmp_path / "stereo")
         try:
-            requests = [GenerationRequest(prompt="stereo rain", duration=0.6, temperature=0.0)]
+            requests = [GenerationRequest(prompt="stereo rain", duration=0.6, sampling=SamplingParams(temperature=0.0))]
             ours, theirs = onnx_model.run(requests)[0], model.run(requests)[0]
             assert ours.audio.shape == (2, 30 * 320)
             assert torch.equal(ours.codes, theirs.codes) and np.abs(ours.audio - theirs.audio).max() < 1e-4

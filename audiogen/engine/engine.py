@@ -1,12 +1,13 @@
 """The continuous-batching generation engine: the one place where audio is generated.
 
-A background thread runs iterations of: admit queued requests into free slots (text encoded once, in a batch;
-cross-attention keys/values stored once; known prefixes prefilled), one decoding step for every active slot,
-then retire finished slots (their codes go to the audio decoder thread) and refill them at the next iteration.
+Each iteration admits queued requests into free slots (text encoded once, in a batch; cross-attention
+keys/values stored once; known prefixes prefilled), runs one decoding step for every active slot, then retires
+finished slots (their codes go to the audio decoder) and refills them at the next iteration.
 Requests with different durations, seeds and sampling parameters share every step, so a short clip never waits
 for a long one and a new request never waits for a batch to drain (static batching does both).
 
-`AudioGen.generate*`, the batch renderer and the HTTP server all go through `submit`/`generate`/`stream`.
+`AudioGen.generate*` goes through `run` (stepping in the caller's thread); the batch renderer and the HTTP
+server through `generate`/`stream` (a background loop thread).
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from audiogen.decoding import SlotBatch
 from audiogen.engine.audio import AudioDecoder
 from audiogen.engine.cpu import engine_threads
 from audiogen.engine.handle import GenerationResult, RequestHandle
 from audiogen.engine.memory import check_memory_budget
 from audiogen.engine.request import GenerationRequest, resolve_request
-from audiogen.engine.stats import EngineStats
+from audiogen.engine.runner import SlotBatch
+from audiogen.engine.stats import EngineSnapshot, EngineStats
 from audiogen.errors import EngineClosedError, InvalidConfigError, QueueFullError
 
 if TYPE_CHECKING:
@@ -41,25 +43,32 @@ ADMISSION_ORDERS = ("arrival", "longest_first")
 
 
 class Engine:
-    """Iteration-level batching over a fixed set of decoding slots.
+    """Iteration-level batching over a fixed set of decoding slots, on the model's device and dtype.
 
     max_batch_slots: requests decoded at once (each uses two cache rows for classifier-free guidance).
     max_steps_per_slot: KV-cache positions per slot; at least the model's window + delay tail.
     max_queued_requests: bound of the waiting queue; `submit` raises `QueueFullError` beyond it.
+    compile: run the LM step through `torch.compile` (GPU).
     stream_chunk_frames / stream_context_frames / stream_lookahead_frames: streaming granularity and overlap.
     decode_audio: False returns codes only (for callers that decode elsewhere).
-    cpu_threads: intra-op threads of the engine thread on CPU (default: see `audiogen.engine.cpu`).
+    cpu_threads: intra-op threads of the engine's loop thread on CPU (default: see `audiogen.engine.cpu`).
     admission_order: which queued requests take free slots. "arrival" (first come, first served) is fair to
     online traffic. "longest_first" admits the longest queued clip first: for offline work (a render batch,
     a list of prompts) whose end is the last clip's end, it leaves only short clips for the tail, so slots stay
     full until the end (the longest-processing-time rule for makespan); a short clip may wait behind longer
     ones, which is why online serving does not use it.
+
+    Two ways to drive the steps, one scheduler: `run(requests)` steps in the calling thread until its requests
+    are done (the synchronous API, like vLLM's `LLM` beside `AsyncLLM`: no second thread competes for the CPU
+    cores); `submit`/`generate`/`stream` start a background loop thread on first use (servers, async callers).
+    Whoever steps holds `_step_lock`, so both can be used on one engine. A step that raises kills the engine:
+    it is marked closed, everything it holds fails with the error, `submit` raises `EngineClosedError` and
+    `snapshot().alive` is False, so a server or batch worker can restart instead of hanging.
     """
 
     def __init__(self, model: "AudioGen", *, max_batch_slots: int = 16, max_steps_per_slot: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, compile: bool = False,
-                 max_queued_requests: int = 1024, decode_audio: bool = True, stream_chunk_frames: int = 25,
-                 stream_context_frames: int = 50, stream_lookahead_frames: int = 4,
+                 compile: bool = False, max_queued_requests: int = 1024, decode_audio: bool = True,
+                 stream_chunk_frames: int = 25, stream_context_frames: int = 50, stream_lookahead_frames: int = 4,
                  memory_fraction: float = 0.9, cpu_threads: int | None = None,
                  admission_order: str = "arrival") -> None:
         config = model.config
@@ -75,15 +84,12 @@ class Engine:
             raise InvalidConfigError("max_queued_requests", f"must be >= 0 (got {max_queued_requests})")
         self.model = model
         self.config = config
-        self.device = torch.device(device) if device is not None else model.device
-        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.device = model.device
+        self.dtype = model.dtype
         check_memory_budget(config, slots=max_batch_slots, steps=steps, device=self.device, dtype=self.dtype,
                             fraction=memory_fraction)
-        model.to(device=self.device, lm_dtype=self.dtype)
-        if compile:
-            model.lm.compile_step()
         self.batch = SlotBatch(model.lm, max_slots=max_batch_slots, max_frames=config.max_frames,
-                               device=self.device, dtype=self.dtype)
+                               device=self.device, dtype=self.dtype, compile=compile)
         self.max_queued = max_queued_requests
         self.admission_order = admission_order
         self.decode_audio = decode_audio
@@ -94,31 +100,35 @@ class Engine:
         self.stats = EngineStats(max_batch_slots)
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition()
-        self._closing = False
+        self._step_lock = threading.Lock()
+        self._closing = False  # no new requests: shut down, or a step failed
+        self._shut_down = False
+        self._failure: BaseException | None = None
         self._audio = AudioDecoder(model.decode_codes, model.codec.hop_length, threaded=self.device.type != "cpu")
-        self._thread = threading.Thread(target=self._loop, name="audiogen-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ public API
     def submit(self, request: GenerationRequest, *, on_chunk: Any = None) -> RequestHandle:
-        """Validate and enqueue a request; returns immediately. `on_chunk(audio | None)` receives streamed
-        chunks from the audio thread (None ends the stream)."""
-        resolved = resolve_request(request, self.config)
-        self.model.text.token_ids([resolved.prompt], field="prompt")
-        if resolved.negative_prompt:
-            self.model.text.token_ids([resolved.negative_prompt], field="negative_prompt")
-        handle = RequestHandle(resolved, on_chunk)
-        with self._wake:
-            if self._closing:
-                raise EngineClosedError("engine is shut down")
-            # requests waiting for a slot that is already free are not "queued": the loop admits them next
-            if len(self._queue) >= self.max_queued + self.batch.free:
-                self.stats.rejected += 1
-                raise QueueFullError(self.max_queued)
-            self._queue.append(handle)
-            self.stats.submitted += 1
-            self._wake.notify()
+        """Validate and enqueue a request for the background loop (started on first use); returns at once.
+        `on_chunk(audio | None)` receives streamed chunks from the audio thread (None ends the stream)."""
+        handle = self._enqueue(request, on_chunk)
+        self._ensure_loop()
         return handle
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate `requests` together and return their results in order, stepping in the calling thread
+        (unless the background loop runs, which then does the stepping). On error or interrupt, the requests
+        not yet finished are cancelled."""
+        handles: list[RequestHandle] = []
+        try:
+            for request in requests:
+                handles.append(self._enqueue(request, None))
+            self._drive(handles)
+            return [handle.result() for handle in handles]
+        except BaseException:
+            for handle in handles:
+                self.cancel(handle)
+            raise
 
     def cancel(self, handle: RequestHandle) -> None:
         """Cancel a request: dropped from the queue, or its slot freed at the next step."""
@@ -155,15 +165,31 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    def snapshot(self) -> EngineSnapshot:
+        """Load and liveness at this instant (health checks, metrics, autoscaling signals)."""
+        with self._wake:
+            alive = not self._closing
+            failure = self._failure
+            return EngineSnapshot(
+                alive=alive, busy_slots=self.batch.active, max_slots=self.batch.max_slots,
+                queue_depth=len(self._queue), max_queued=self.max_queued,
+                error=None if failure is None else f"{type(failure).__name__}: {failure}",
+                mean_occupancy=self.stats.mean_occupancy, steps=self.stats.steps,
+                audio_seconds=self.stats.audio_seconds)
+
     def shutdown(self, wait: bool = True) -> None:
         """Stop the loop; queued and running requests fail with `EngineClosedError`. No thread is left behind."""
         with self._wake:
-            if self._closing:
+            if self._shut_down:
                 return
-            self._closing = True
+            self._shut_down = self._closing = True
             self._wake.notify_all()
-        if wait:
-            self._thread.join()
+        thread = self._thread
+        if thread is None:  # nobody else will fail what is left
+            with self._step_lock:
+                self._fail_all(self._closed_error())
+        elif wait and thread is not threading.current_thread():
+            thread.join()
         self._audio.close()
 
     def __enter__(self) -> "Engine":
@@ -172,31 +198,92 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ admission
+    def _enqueue(self, request: GenerationRequest, on_chunk: Any) -> RequestHandle:
+        resolved = resolve_request(request, self.config)
+        self.model.text.token_ids([resolved.prompt], field="prompt")
+        if resolved.sampling.negative_prompt:
+            self.model.text.token_ids([resolved.sampling.negative_prompt], field="negative_prompt")
+        handle = RequestHandle(resolved, on_chunk)
+        with self._wake:
+            if self._closing:
+                raise self._closed_error()
+            # requests waiting for a slot that is already free are not "queued": the next step admits them
+            if len(self._queue) >= self.max_queued + self.batch.free:
+                self.stats.rejected += 1
+                raise QueueFullError(self.max_queued)
+            self._queue.append(handle)
+            self.stats.submitted += 1
+            self._wake.notify()
+        return handle
+
+    def _closed_error(self) -> EngineClosedError:
+        if self._failure is None:
+            return EngineClosedError("engine is shut down")
+        error = EngineClosedError(f"engine stopped after a failed step: {type(self._failure).__name__}: "
+                                  f"{self._failure}")
+        error.__cause__ = self._failure
+        return error
+
+    # ------------------------------------------------------------------ driving the steps
+    def _ensure_loop(self) -> None:
+        with self._wake:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._loop, name="audiogen-engine", daemon=True)
+                self._thread.start()
+
+    def _drive(self, handles: list[RequestHandle]) -> None:
+        """Step in the calling thread until `handles` are done (or wait for the loop thread doing it)."""
+        while not all(handle.done() for handle in handles):
+            if self._thread is not None:
+                futures.wait([handle.future for handle in handles])
+                return
+            with self._step_lock:
+                if self._closing or not self._has_work():
+                    break
+                self._iterate_guarded()
+        # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
+        futures.wait([handle.future for handle in handles])
+
     def _loop(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(self.cpu_threads)  # per-thread setting: the caller's thread keeps its own
-        try:
-            while self._iterate():
-                pass
-        except Exception as error:  # the loop must never die silently: fail everything it holds
-            log.exception("engine loop failed")
-            self._fail_all(error)
-        else:
-            self._fail_all(EngineClosedError("engine is shut down"))
+        while True:
+            with self._wake:
+                while not self._has_work() and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    break
+            with self._step_lock:
+                if not self._iterate_guarded():
+                    return
+        with self._step_lock:
+            self._fail_all(self._closed_error())
 
-    def _iterate(self) -> bool:
+    def _has_work(self) -> bool:
+        return bool(self._queue) or self.batch.active > 0
+
+    def _iterate_guarded(self) -> bool:
+        """One iteration; a failure kills the engine (False) instead of a silent loop death or a hang."""
+        try:
+            self._iterate()
+            return True
+        except Exception as error:
+            log.exception("engine step failed; the engine is closed")
+            with self._wake:
+                self._closing = True
+                self._failure = error
+            self._fail_all(error)
+            return False
+
+    def _iterate(self) -> None:
         with self._wake:
-            while not self._queue and self.batch.active == 0 and not self._closing:
-                self._wake.wait()
-            if self._closing:
-                return False
             admitted = self._take_queued(min(self.batch.free, len(self._queue)))
         if admitted:
             self._admit(admitted)
         self._drop_cancelled()
         if self.batch.active == 0:
-            return True
+            return
         started = time.perf_counter()
         finished = self.batch.step()
         self.stats.record_step(self.batch.active, time.perf_counter() - started)
@@ -206,7 +293,6 @@ class Engine:
             self._complete(slot)
         if not self._audio.threaded:
             self._audio.drain()
-        return True
 
     def _take_queued(self, count: int) -> list[RequestHandle]:
         """Remove and return the `count` queued requests to admit now, in `admission_order` (caller holds the lock)."""
@@ -221,7 +307,7 @@ class Engine:
     def _admit(self, handles: list[RequestHandle]) -> None:
         texts: list[str] = []
         for handle in handles:
-            texts += [handle.request.prompt, handle.request.negative_prompt]
+            texts += [handle.request.prompt, handle.request.sampling.negative_prompt]
         try:
             text, mask = self.model.text(texts)
         except Exception as error:  # e.g. a tokenizer failure: fail these requests, keep the engine
@@ -229,7 +315,7 @@ class Engine:
                 handle.fail(error)
             return
         now = time.perf_counter()
-        slots = self.batch.admit(handles, [h.request.slot_spec() for h in handles], text, mask)
+        slots = self.batch.admit(handles, [h.request for h in handles], text, mask)
         for handle, slot in zip(handles, slots):
             handle.slot = slot
             handle.timings.admitted = now

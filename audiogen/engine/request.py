@@ -6,25 +6,20 @@ with an `InvalidRequestError` naming the field and the limit, and never reaches 
 
 from __future__ import annotations
 
-import math
-import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from audiogen.config import AudioGenConfig
-from audiogen.decoding import SlotSpec
 from audiogen.errors import InvalidRequestError
-
-MAX_SEED = 2**63 - 1
-
+from audiogen.sampling_params import SamplingParams
+from audiogen.validation import check_number, check_text
 
 @dataclass
 class GenerationRequest:
-    """One clip to generate. `None` sampling fields take the model's defaults.
+    """One clip to generate: a prompt, a duration and its `SamplingParams` (unset fields take model defaults).
 
     - continuation: `prefix_codes [K, P]` are forced as the first P frames; `duration` is the total length.
     - inpainting: `inpaint_codes [K, T]` with `inpaint_mask [T]` (True = regenerate); frames outside the mask
@@ -32,13 +27,8 @@ class GenerationRequest:
     """
 
     prompt: str = ""
-    negative_prompt: str | None = None
     duration: float | None = None
-    seed: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance_scale: float | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     prefix_codes: torch.Tensor | None = None
     inpaint_codes: torch.Tensor | None = None
     inpaint_mask: torch.Tensor | None = None
@@ -52,57 +42,19 @@ class ResolvedRequest:
 
     request_id: str
     prompt: str
-    negative_prompt: str
     total_frames: int
-    seed: int
-    temperature: float
-    top_k: int
-    top_p: float
-    guidance_scale: float
-    known_codes: torch.Tensor | None
-    known_frames: torch.Tensor | None
+    sampling: SamplingParams  # resolved: every field set
+    known_codes: torch.Tensor | None  # [K, total_frames] codes forced where `known_frames`
+    known_frames: torch.Tensor | None  # [total_frames] bool
     metadata: dict[str, Any]
 
-    def slot_spec(self) -> SlotSpec:
-        return SlotSpec(total_frames=self.total_frames, seed=self.seed, temperature=self.temperature,
-                        top_k=self.top_k, top_p=self.top_p, guidance_scale=self.guidance_scale,
-                        known_codes=self.known_codes, known_frames=self.known_frames)
+    @property
+    def seed(self) -> int:
+        return self.sampling.seed
 
     def params(self) -> dict[str, Any]:
         """The generation parameters, JSON-friendly (metadata rows, HTTP headers)."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
-                "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
-                "guidance_scale": self.guidance_scale, "frames": self.total_frames}
-
-
-def _number(name: str, value: Any, *, low: float, high: float, low_open: bool = False, limit: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InvalidRequestError(name, f"must be a number, got {type(value).__name__}", limit=limit, value=value)
-    value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        raise InvalidRequestError(name, f"{value!r} is out of range", limit=limit, value=value)
-    return value
-
-
-def _integer(name: str, value: Any, *, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidRequestError(name, f"must be an integer, got {value!r}", limit=f"{low}..{high}", value=value)
-    if not low <= int(value) <= high:
-        raise InvalidRequestError(name, f"{int(value)} is out of range", limit=f"{low}..{high}", value=int(value))
-    return int(value)
-
-
-def _text(name: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequestError(name, f"must be a string, got {type(value).__name__}", value=value)
-    if "\x00" in value:
-        raise InvalidRequestError(name, "contains a NUL character", value=value[:80])
-    return value
+        return {"prompt": self.prompt, **self.sampling.to_dict(), "frames": self.total_frames}
 
 
 def _codes(name: str, value: Any, config: AudioGenConfig) -> torch.Tensor:
@@ -120,16 +72,10 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
     """Validate every field and fill defaults from the config; raises `InvalidRequestError`."""
     max_duration = config.max_duration
     frame_rate = config.frame_rate
-    prompt = _text("prompt", request.prompt)
-    negative = _text("negative_prompt", request.negative_prompt)
-    temperature = config.temperature if request.temperature is None else _number(
-        "temperature", request.temperature, low=0.0, high=100.0, limit="0 <= temperature <= 100 (0 = greedy)")
-    top_k = config.top_k if request.top_k is None else _integer("top_k", request.top_k, low=0, high=config.card)
-    top_p = config.top_p if request.top_p is None else _number("top_p", request.top_p, low=0.0, high=1.0,
-                                                                limit="0 <= top_p <= 1 (0 = off)")
-    guidance = config.guidance_scale if request.guidance_scale is None else _number(
-        "guidance_scale", request.guidance_scale, low=0.0, high=100.0, limit="0 <= guidance_scale <= 100")
-    seed = secrets.randbits(63) if request.seed is None else _integer("seed", request.seed, low=0, high=MAX_SEED)
+    prompt = check_text("prompt", request.prompt) or ""
+    if not isinstance(request.sampling, SamplingParams):
+        raise InvalidRequestError("sampling", f"must be SamplingParams, got {type(request.sampling).__name__}")
+    sampling = request.sampling.resolved(config)
 
     known_codes = known_frames = None
     if request.prefix_codes is not None and request.inpaint_codes is not None:
@@ -149,7 +95,7 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
         total = frames
     else:
         default = config.default_duration
-        duration = default if request.duration is None else _number(
+        duration = default if request.duration is None else check_number(
             "duration", request.duration, low=0.0, high=max_duration, low_open=True,
             limit=f"0 < duration <= {max_duration} s")
         total = int(duration * frame_rate)
@@ -166,7 +112,5 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
             known_frames = torch.zeros(total, dtype=torch.bool)
             known_frames[:prefix.shape[1]] = True
     return ResolvedRequest(
-        request_id=request.request_id or uuid.uuid4().hex, prompt=prompt, negative_prompt=negative,
-        total_frames=total, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
-        guidance_scale=guidance, known_codes=known_codes, known_frames=known_frames,
-        metadata=dict(request.metadata))
+        request_id=request.request_id or uuid.uuid4().hex, prompt=prompt, total_frames=total, sampling=sampling,
+        known_codes=known_codes, known_frames=known_frames, metadata=dict(request.metadata))

@@ -1,4 +1,7 @@
-"""Engine counters for metrics endpoints, benchmarks and tests (thread-safe enough: plain int/float writes)."""
+"""Engine counters and snapshots for health checks, metrics endpoints, autoscaling, benchmarks and tests.
+
+Counters are plain int/float writes from the stepping thread (readers may see one step's lag, never a torn value).
+"""
 
 from __future__ import annotations
 
@@ -38,3 +41,30 @@ class EngineStats:
                 "step_seconds": self.step_seconds, "audio_seconds": self.audio_seconds,
                 "mean_occupancy": self.mean_occupancy, "max_occupancy": self.max_occupancy,
                 "max_slots": self.max_slots}
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """An engine's state at one instant: what health checks, metrics and autoscaling read (never its internals).
+
+    alive: accepting requests (False after `shutdown` or a failed step, whose message is `error`).
+    busy_slots / max_slots: requests decoding now / at most; queue_depth / max_queued: waiting / at most.
+    """
+
+    alive: bool
+    busy_slots: int
+    max_slots: int
+    queue_depth: int
+    max_queued: int
+    error: str | None
+    mean_occupancy: float
+    steps: int
+    audio_seconds: float
+
+    @property
+    def in_flight(self) -> int:
+        return self.busy_slots + self.queue_depth
+
+    @property
+    def capacity(self) -> int:
+        return self.max_slots + self.max_queued

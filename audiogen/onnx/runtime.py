@@ -1,6 +1,6 @@
 """Generation through onnxruntime with the unchanged engine: `AudioGen.from_onnx(directory)`.
 
-The engine (`audiogen.engine.Engine`) and its model runner (`audiogen.decoding.SlotBatch`) only use a few
+The engine (`audiogen.engine.Engine`) and its model runner (`audiogen.engine.runner.SlotBatch`) only use a few
 methods of the model's parts, so this backend supplies objects with exactly those methods, backed by the three
 ONNX sessions, and everything else (scheduling, admission, CFG, seeded sampling, sliding windows, streaming,
 cancellation, the Python API) is the same code as for PyTorch:

@@ -14,8 +14,9 @@ window continues in a new window that re-reads the last `window - stride` frames
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,31 +27,59 @@ from audiogen.lm import LanguageModel
 from audiogen.patterns import build_delay_pattern
 from audiogen.sampling import apply_guidance, sample_tokens, sampling_plan, seed_key, stream_keys
 
-# Columns of the per-slot integer state kept on the host (so the scheduler never waits on the device).
-POS, WINDOW_START, WINDOW_LEN, SETTLED, TOTAL, SEED_KEY, TOP_K = range(7)
-# Columns of the per-slot float state.
-TEMPERATURE, TOP_P, GUIDANCE = range(3)
+if TYPE_CHECKING:
+    from audiogen.engine.request import ResolvedRequest
+
+FLOAT_FIELDS = ("temperature", "top_p", "guidance")
 
 
 @dataclass
-class SlotSpec:
-    """What a request asks of the decoder (already validated and resolved against model defaults)."""
+class SlotState:
+    """Per-slot scalars, one named array per field, kept on the host so the scheduler never waits on the device.
 
-    total_frames: int
-    seed: int
-    temperature: float
-    top_k: int
-    top_p: float
-    guidance_scale: float
-    known_codes: torch.Tensor | None = None  # [K, total_frames] codes to force where `known_frames`
-    known_frames: torch.Tensor | None = None  # [total_frames] bool
+    `pos` is the slot's position in its current window of the delay pattern, `window_start`/`window_len` the
+    window's frames of the clip, `settled` the frames final from earlier windows, `total` the clip's frames.
+    """
+
+    pos: np.ndarray
+    window_start: np.ndarray
+    window_len: np.ndarray
+    settled: np.ndarray
+    total: np.ndarray
+    seed_key: np.ndarray
+    top_k: np.ndarray
+    temperature: np.ndarray
+    top_p: np.ndarray
+    guidance: np.ndarray
+
+    @classmethod
+    def zeros(cls, slots: int) -> "SlotState":
+        return cls(**{f.name: np.zeros(slots, dtype=np.float32 if f.name in FLOAT_FIELDS else np.int64)
+                      for f in fields(cls)})
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        for f in fields(self):
+            getattr(self, f.name)[dst] = getattr(self, f.name)[src]
+
+    def on_device(self, count: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Slots 0..count-1 of every field as tensors, in one host-to-device copy per dtype (a step needs all)."""
+        result: dict[str, torch.Tensor] = {}
+        integers = tuple(f.name for f in fields(self) if f.name not in FLOAT_FIELDS)
+        for group in (integers, FLOAT_FIELDS):
+            packed = torch.from_numpy(np.stack([getattr(self, name)[:count] for name in group])).to(device)
+            result.update(zip(group, packed.unbind(0)))
+        return result
 
 
 class SlotBatch:
-    """Fixed-capacity batch of decoding slots with their KV cache, codes and sampling state."""
+    """Fixed-capacity batch of decoding slots with their KV cache, codes and sampling state.
+
+    `compile=True` runs the LM step through `torch.compile` (dynamic shapes: the number of active rows and the
+    attended length change every step); the compiled function belongs to this batch, the model is not changed.
+    """
 
     def __init__(self, lm: LanguageModel, *, max_slots: int, max_frames: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, compile: bool = False) -> None:
         config: AudioGenConfig = lm.config
         self.lm = lm
         self.config = config
@@ -66,9 +95,9 @@ class SlotBatch:
                              text_tokens=config.max_text_tokens, device=device, dtype=dtype)
         self.codes = torch.zeros((max_slots, config.num_codebooks, max_frames), dtype=torch.long, device=device)
         self.known = torch.zeros((max_slots, max_frames), dtype=torch.bool, device=device)
-        self.ints = np.zeros((max_slots, 7), dtype=np.int64)
-        self.floats = np.zeros((max_slots, 3), dtype=np.float32)
+        self.state = SlotState.zeros(max_slots)
         self.owners: list[Any] = []
+        self._lm_step: Callable[..., torch.Tensor] = torch.compile(lm.step, dynamic=True) if compile else lm.step
 
     # ------------------------------------------------------------------ occupancy
     @property
@@ -80,20 +109,21 @@ class SlotBatch:
         return self.max_slots - len(self.owners)
 
     def position(self, slot: int) -> int:
-        return int(self.ints[slot, POS])
+        return int(self.state.pos[slot])
 
     def settled_frames(self, slot: int) -> int:
         """Frames of the clip that are final: earlier windows plus this window's frames whose every codebook
         has been emitted (used to stream audio while the clip is still being generated)."""
-        row = self.ints[slot]
-        in_window = min(max(int(row[POS]) - self.max_delay, 0), int(row[WINDOW_LEN]))
-        return max(int(row[SETTLED]), int(row[WINDOW_START]) + in_window)
+        state = self.state
+        in_window = min(max(int(state.pos[slot]) - self.max_delay, 0), int(state.window_len[slot]))
+        return max(int(state.settled[slot]), int(state.window_start[slot]) + in_window)
 
     def total_frames(self, slot: int) -> int:
-        return int(self.ints[slot, TOTAL])
+        return int(self.state.total[slot])
 
     # ------------------------------------------------------------------ admission
-    def admit(self, owners: list[Any], specs: list[SlotSpec], text: torch.Tensor, text_mask: torch.Tensor) -> list[int]:
+    def admit(self, owners: list[Any], requests: list["ResolvedRequest"], text: torch.Tensor,
+              text_mask: torch.Tensor) -> list[int]:
         """Place requests in free slots. `text [2n, L, dim]` / `text_mask [2n, L]` hold, per request, the
         conditional row then the unconditional (negative prompt or null) row. Returns the slot indices."""
         if len(owners) > self.free:
@@ -104,22 +134,28 @@ class SlotBatch:
         with torch.inference_mode():
             text = text.to(device=self.device, dtype=self.cache.keys.dtype)
             self.cache.store_text(rows, self.lm.project_text(text), text_mask.to(self.device))
-        for slot, owner, spec in zip(slots, owners, specs):
+        for slot, owner, request in zip(slots, owners, requests):
             self.owners.append(owner)
-            self._load(slot, spec)
+            self._load(slot, request)
         return slots
 
-    def _load(self, slot: int, spec: SlotSpec) -> None:
-        frames = spec.total_frames
+    def _load(self, slot: int, request: "ResolvedRequest") -> None:
+        frames = request.total_frames
         if not 0 < frames <= self.max_frames:
             raise ValueError(f"total_frames={frames} outside 1..{self.max_frames}")
         self.codes[slot].zero_()
         self.known[slot].zero_()
-        if spec.known_frames is not None and spec.known_codes is not None:
-            self.known[slot, :frames] = spec.known_frames.to(self.device)
-            self.codes[slot, :, :frames] = spec.known_codes.to(self.device)
-        self.ints[slot] = (0, 0, 0, 0, frames, seed_key(spec.seed), spec.top_k)
-        self.floats[slot] = (spec.temperature, spec.top_p, spec.guidance_scale)
+        if request.known_frames is not None and request.known_codes is not None:
+            self.known[slot, :frames] = request.known_frames.to(self.device)
+            self.codes[slot, :, :frames] = request.known_codes.to(self.device)
+        sampling, state = request.sampling, self.state
+        state.pos[slot] = state.window_start[slot] = state.window_len[slot] = state.settled[slot] = 0
+        state.total[slot] = frames
+        state.seed_key[slot] = seed_key(sampling.seed)
+        state.top_k[slot] = sampling.top_k
+        state.temperature[slot] = sampling.temperature
+        state.top_p[slot] = sampling.top_p
+        state.guidance[slot] = sampling.guidance_scale
         self._start_window(slot, self._first_window_start(slot))
 
     def _first_window_start(self, slot: int) -> int:
@@ -132,7 +168,7 @@ class SlotBatch:
 
     def _known_run(self, slot: int, start: int, stop: int) -> int:
         """Length of the run of forced frames starting at `start` (bounded by `stop`)."""
-        settled = int(self.ints[slot, SETTLED])
+        settled = int(self.state.settled[slot])
         run = max(0, min(settled, stop) - start)
         if start + run < stop:
             known = self.known[slot, start + run:stop].cpu()
@@ -144,9 +180,9 @@ class SlotBatch:
         total = self.total_frames(slot)
         length = min(self.window, total - start)
         prefix = min(self._known_run(slot, start, start + length), length)
-        self.ints[slot, WINDOW_START] = start
-        self.ints[slot, WINDOW_LEN] = length
-        self.ints[slot, POS] = prefix
+        self.state.window_start[slot] = start
+        self.state.window_len[slot] = length
+        self.state.pos[slot] = prefix
         if prefix > 0:
             sequence = build_delay_pattern(self.codes[slot:slot + 1, :, start:start + prefix], self.config.delays,
                                            self.config.special_token)[:, :, :prefix]
@@ -159,9 +195,9 @@ class SlotBatch:
         n = self.active
         if n == 0:
             return []
-        ints = torch.from_numpy(self.ints[:n].copy()).to(self.device)
-        floats = torch.from_numpy(self.floats[:n].copy()).to(self.device)
-        pos, start, length, settled = ints[:, POS], ints[:, WINDOW_START], ints[:, WINDOW_LEN], ints[:, SETTLED]
+        host = self.state
+        slots = host.on_device(n, self.device)
+        pos, start, length = slots["pos"], slots["window_start"], slots["window_len"]
         codes = self.codes[:n]
         special = self.config.special_token
 
@@ -171,36 +207,36 @@ class SlotBatch:
         tokens = torch.where((rel_in >= 0) & (rel_in < length[:, None]), tokens, torch.full_like(tokens, special))
 
         with torch.inference_mode():
-            logits = self.lm.step(tokens.repeat_interleave(2, dim=0), pos.repeat_interleave(2), self.cache, 2 * n,
-                                  int(self.ints[:n, POS].max()) + 1)
+            logits = self._lm_step(tokens.repeat_interleave(2, dim=0), pos.repeat_interleave(2), self.cache, 2 * n,
+                                   int(host.pos[:n].max()) + 1)
         logits = logits.view(n, 2, *logits.shape[1:])
-        guidance = floats[:, GUIDANCE]
+        guidance = slots["guidance"]
         guided = torch.where((guidance == 1)[:, None, None], logits[:, 0].float(), apply_guidance(logits, guidance))
 
         rel_out = pos[:, None] - self.delays[None, :]
         frame_out = (start[:, None] + rel_out.clamp(min=0)).clamp(max=self.max_frames - 1)
         emit = (rel_out >= 0) & (rel_out < length[:, None])
-        forced = self.known[:n].gather(1, frame_out) | (frame_out < settled[:, None])
-        candidates, ranked = sampling_plan(self.floats[:n, TEMPERATURE].tolist(), self.ints[:n, TOP_K].tolist(),
-                                           self.floats[:n, TOP_P].tolist(), self.config.card)
+        forced = self.known[:n].gather(1, frame_out) | (frame_out < slots["settled"][:, None])
+        candidates, ranked = sampling_plan(host.temperature[:n].tolist(), host.top_k[:n].tolist(),
+                                           host.top_p[:n].tolist(), self.config.card)
         sampled = sample_tokens(
-            guided, keys=stream_keys(ints[:, SEED_KEY], frame_out), temperature=floats[:, TEMPERATURE],
-            top_k=ints[:, TOP_K], top_p=floats[:, TOP_P], num_candidates=candidates, ranked=ranked)
+            guided, keys=stream_keys(slots["seed_key"], frame_out), temperature=slots["temperature"],
+            top_k=slots["top_k"], top_p=slots["top_p"], num_candidates=candidates, ranked=ranked)
         current = codes.gather(2, frame_out[..., None])[..., 0]
         codes.scatter_(2, frame_out[..., None], torch.where(emit & ~forced, sampled, current)[..., None])
 
-        self.ints[:n, POS] += 1
-        done = self.ints[:n, POS] >= self.ints[:n, WINDOW_LEN] + self.max_delay
+        host.pos[:n] += 1
+        done = host.pos[:n] >= host.window_len[:n] + self.max_delay
         return np.flatnonzero(done).tolist()
 
     def finish_window(self, slot: int) -> bool:
         """Settle the finished window; start the next one if the clip continues. True when the clip is done."""
-        row = self.ints[slot]
-        end = int(row[WINDOW_START] + row[WINDOW_LEN])
-        row[SETTLED] = end
-        if end >= row[TOTAL]:
+        state = self.state
+        end = int(state.window_start[slot] + state.window_len[slot])
+        state.settled[slot] = end
+        if end >= state.total[slot]:
             return True
-        self._start_window(slot, int(row[WINDOW_START]) + self.stride)
+        self._start_window(slot, int(state.window_start[slot]) + self.stride)
         return False
 
     # ------------------------------------------------------------------ results and release
@@ -219,8 +255,7 @@ class SlotBatch:
             self.cache.move(slice(2 * last, 2 * last + 2), slice(2 * slot, 2 * slot + 2), steps)
             self.codes[slot] = self.codes[last]
             self.known[slot] = self.known[last]
-            self.ints[slot] = self.ints[last]
-            self.floats[slot] = self.floats[last]
+            self.state.copy_slot(last, slot)
             self.owners[slot] = self.owners[last]
             moved = self.owners[slot]
         self.owners.pop()
