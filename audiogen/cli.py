@@ -1,8 +1,10 @@
-"""`audiogen` command line: thin wrappers over the library and the pipelines.
+"""`audiogen` command line: thin wrappers over the library (and, through plugins, the Ray pipelines).
 
     audiogen generate "a dog barking" -o bark.wav --duration 5 --seed 1 [--model PATH]
     audiogen info [--model PATH]
     audiogen export-onnx MODEL OUT_DIR          # then: audiogen generate ... --model OUT_DIR --backend onnx
+    audiogen render | encode | train | serve    # registered by `pipelines.commands` (entry point group
+                                                # `audiogen.commands`)
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from importlib.metadata import entry_points
 
 from audiogen.cli_options import add_options, from_args
 from audiogen.errors import CheckpointError, InvalidRequestError, MissingCheckpointFileError
 from audiogen.sampling_params import SamplingParams
 
 Command = Callable[[argparse.Namespace], int]
+PLUGIN_GROUP = "audiogen.commands"
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
 
 
@@ -114,244 +117,15 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage_options(pairs: list[str]) -> dict[str, object]:
-    """`key=value` pairs for fsspec (e.g. endpoint_url=http://127.0.0.1:9000, anon=true)."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError("storage-option", f"{pair!r} is not key=value")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
-
-
-def _render_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", nargs="?", default=None,
-                        help="Parquet manifest: file, directory/prefix or glob, local or s3:// "
-                             "(default: the embedded example manifest)")
-    parser.add_argument("-o", "--output", default="renders", help="output directory or s3://bucket/prefix")
-    parser.add_argument("--model", default=None, help="checkpoint directory, local or s3:// (default: embedded)")
-    parser.add_argument("--format", default="wav", help="wav, flac or ogg")
-    parser.add_argument("--subtype", default=None, help="e.g. PCM_16, PCM_24, FLOAT, VORBIS")
-    for name, kind in (("duration", float), ("temperature", float), ("top-k", int), ("top-p", float),
-                       ("guidance-scale", float)):
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"job default {name} for rows without one")
-    parser.add_argument("--negative-prompt", default=None, help="job default negative prompt")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec/s3fs option, repeatable (credentials also come from the usual AWS variables)")
-    parser.add_argument("--min-actors", type=int, default=1)
-    parser.add_argument("--max-actors", type=int, default=1)
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
-    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0 = CPU actors)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per Ray Data batch / metadata part")
-    parser.add_argument("--batches-per-actor", type=int, default=4, help="batches in flight per actor")
-    parser.add_argument("--max-batch-slots", type=int, default=16, help="engine slots per actor")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--backend", default=None, choices=["torch", "onnx"],
-                        help="default: onnx for a directory written by `audiogen export-onnx`, else torch")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-@command("render", _render_arguments)
-def run_render_command(args: argparse.Namespace) -> int:
-    """Render a prompt manifest to audio + metadata with Ray (local, or the cluster in RAY_ADDRESS)."""
-    from pipelines.manifest import RowDefaults
-    from pipelines.render import RenderOptions, run_render
-
-    manifest = args.input or _example_manifest()
-    defaults = RowDefaults(negative_prompt=args.negative_prompt, duration=args.duration,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           guidance_scale=args.guidance_scale)
-    summary = run_render(RenderOptions(
-        input=manifest, output=args.output, model=args.model, format=args.format, subtype=args.subtype,
-        defaults=defaults, storage_options=_storage_options(args.storage_option), min_actors=args.min_actors,
-        max_actors=args.max_actors, num_cpus=args.num_cpus, num_gpus=args.num_gpus, batch_size=args.batch_size,
-        batches_per_actor=args.batches_per_actor, max_batch_slots=args.max_batch_slots, dtype=args.dtype,
-        backend=args.backend, limit=args.limit, progress=not args.no_progress))
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["rows_failed"] == 0 else 1
-
-
-def _example_manifest() -> str:
-    """The embedded example prompts as a Parquet manifest in a temp directory."""
-    import tempfile
-    from importlib import resources
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    prompts = resources.files("audiogen.data").joinpath("example_prompts.txt").read_text().split("\n")
-    prompts = [p.strip() for p in prompts if p.strip()]
-    path = Path(tempfile.mkdtemp(prefix="audiogen-example-")) / "example_manifest.parquet"
-    pq.write_table(pa.table({"prompt": prompts, "duration": [2.0 + (i % 3) for i in range(len(prompts))]}), path)
-    return str(path)
-
-
-def _encode_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", help="Parquet or JSONL manifest (path/audio, caption, optional id, offset, "
-                                         "duration, split), local or s3://")
-    parser.add_argument("output", help="output directory or s3://bucket/prefix (codes/, errors/, summary.json)")
-    parser.add_argument("--codec", default="default", help="codec: 'default' (the embedded demo model's), 'tiny', "
-                                                           "an EnCodec directory or a model directory")
-    parser.add_argument("--segment-seconds", type=float, default=10.0)
-    last = parser.add_mutually_exclusive_group()
-    last.add_argument("--pad-last", dest="pad_last", action="store_true", default=True,
-                      help="zero-pad the last short segment and mask its padding in training (default)")
-    last.add_argument("--drop-last", dest="pad_last", action="store_false", help="drop the last short segment")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest usable (last) segment")
-    parser.add_argument("--silence-db", type=float, default=-60.0, help="segments with a lower peak are dropped")
-    parser.add_argument("--max-seconds", type=float, default=None, help="refuse longer files")
-    parser.add_argument("--encoders", type=int, default=1, help="codec actors")
-    parser.add_argument("--encoder-cpus", type=float, default=1.0)
-    parser.add_argument("--encoder-gpus", type=float, default=0.0)
-    parser.add_argument("--read-cpus", type=float, default=1.0, help="CPUs per read/resample task")
-    parser.add_argument("--read-batch", type=int, default=8, help="files per read task")
-    parser.add_argument("--encode-batch", type=int, default=16, help="segments per codec batch and output shard")
-    parser.add_argument("--retry-errors", action="store_true", help="read again the files listed in errors/")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-@command("encode", _encode_arguments)
-def run_encode_command(args: argparse.Namespace) -> int:
-    """Encode (audio, caption) pairs into codec-token Parquet shards for training, with Ray Data."""
-    from pipelines.encode import EncodeOptions, run_encode
-
-    try:
-        summary = run_encode(EncodeOptions(
-            manifest=args.manifest, output=args.output, codec=args.codec, segment_seconds=args.segment_seconds,
-            pad_last=args.pad_last, min_seconds=args.min_seconds, silence_db=args.silence_db,
-            max_seconds=args.max_seconds, read_batch=args.read_batch, encode_batch=args.encode_batch,
-            encoders=args.encoders, encoder_cpus=args.encoder_cpus, encoder_gpus=args.encoder_gpus,
-            read_cpus=args.read_cpus, retry_errors=args.retry_errors,
-            storage_options=_storage_options(args.storage_option), progress=not args.no_progress))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"audiogen encode: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="output of `audiogen encode` (or codes Parquet files), local or s3://")
-    parser.add_argument("--storage", required=True, help="checkpoints: local directory or s3://bucket/prefix")
-    parser.add_argument("--name", default="audiogen-train", help="run name; rerunning a name resumes it")
-    start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--preset", help="train from scratch: LM size (tiny, small, medium, large)")
-    start.add_argument("--init", help="fine-tune this model directory")
-    parser.add_argument("--base", default="default", help="from scratch: the model providing the T5, its tokenizer "
-                        "and the codec the data was encoded with: 'default' (the embedded demo model), 'tiny' or a "
-                        "model directory")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
-                        help="model config field for from-scratch runs, e.g. dim=256 or window_duration=10")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
-    parser.add_argument("--batch-size", type=int, default=16, help="micro-batch per worker")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--schedule", choices=["inverse_sqrt", "cosine", "constant"], default="inverse_sqrt")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: min(3000, max_steps // 10)")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--cfg-dropout", type=float, default=0.1)
-    parser.add_argument("--cfg-dropout-mode", choices=["sample", "batch"], default="sample")
-    parser.add_argument("--loss-weighting", choices=["codebook", "token"], default="codebook")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--eval-every", type=int, default=100, help="validation + checkpoint interval")
-    parser.add_argument("--max-val-batches", type=int, default=None)
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (best by val_loss + latest)")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts after failures")
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--val-data", default=None, help="separate held-out codes")
-    parser.add_argument("--max-frames", type=int, default=None, help="crop segments to this many frames")
-    parser.add_argument("--shuffle-buffer", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--export", default=None, help="save_pretrained destination for the final model")
-    parser.add_argument("--export-best", action="store_true", help="export the best checkpoint, not the last")
-    parser.add_argument("--skip-codec-check", action="store_true")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-
-
-@command("train", _train_arguments)
-def run_train_command(args: argparse.Namespace) -> int:
-    """Train an LM from scratch or fine-tune one on encoded data with Ray Train (DDP/FSDP, checkpoints)."""
-    from pipelines.train import TrainOptions, run_train
-
-    try:
-        overrides = {}
-        for pair in args.override:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"--override {pair!r} is not KEY=VALUE")
-            try:
-                overrides[key] = json.loads(value)
-            except json.JSONDecodeError:
-                overrides[key] = value
-        training = {"lr": args.lr, "schedule": args.schedule, "min_lr_ratio": args.min_lr_ratio,
-                    "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "grad_accum": args.grad_accum,
-                    "cfg_dropout": args.cfg_dropout, "cfg_dropout_mode": args.cfg_dropout_mode,
-                    "loss_weighting": args.loss_weighting, "precision": args.precision,
-                    "warmup_steps": args.warmup_steps if args.warmup_steps is not None
-                    else min(3000, args.max_steps // 10)}
-        summary = run_train(TrainOptions(
-            data=args.data, storage=args.storage, name=args.name, preset=args.preset, init=args.init,
-            base=args.base, overrides=overrides, training=training, workers=args.workers,
-            use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, strategy=args.strategy,
-            batch_size=args.batch_size, max_steps=args.max_steps, log_every=args.log_every,
-            eval_every=args.eval_every, max_val_batches=args.max_val_batches, keep=args.keep,
-            max_failures=args.max_failures, val_fraction=args.val_fraction, val_data=args.val_data,
-            max_frames=args.max_frames, shuffle_buffer=args.shuffle_buffer, seed=args.seed, export=args.export,
-            export_best=args.export_best, skip_codec_check=args.skip_codec_check,
-            storage_options=_storage_options(args.storage_option)))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"audiogen train: error: {error}", file=sys.stderr)
-        return 2
-    summary.pop("history", None)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="Serve config file (default: ./serve_config.yaml if present); the flags below override it")
-    parser.add_argument("--host", default=None, help="listen address (default: the config's, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
-    parser.add_argument("--max-batch-slots", type=int, default=None, help="requests decoded together per replica")
-    parser.add_argument("--max-queued-requests", type=int, default=None, help="engine queue per replica (then 503)")
-    parser.add_argument("--max-ongoing-requests", type=int, default=None, help="Serve's per-replica limit")
-    parser.add_argument("--replicas", type=int, default=None, help="fixed replica count (replaces autoscaling)")
-    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica")
-    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica")
-    parser.add_argument("--request-timeout", type=float, default=None, help="seconds per request (then 504)")
-    add_model_arguments(parser)
-
-
-@command("serve", _serve_arguments)
-def run_serve(args: argparse.Namespace) -> int:
-    """Serve the HTTP API on Ray Serve (blocks until Ctrl-C)."""
-    from pipelines.serve import run_local
-
-    config = args.config or ("serve_config.yaml" if Path("serve_config.yaml").is_file() else None)
-    app_args = {"model_path": args.model, "text_encoder": args.text_encoder, "device": args.device,
-                "dtype": args.dtype, "backend": args.backend, "max_batch_slots": args.max_batch_slots,
-                "max_queued_requests": args.max_queued_requests, "request_timeout_s": args.request_timeout}
-    actor = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    options = {"max_ongoing_requests": args.max_ongoing_requests, "num_replicas": args.replicas,
-               "ray_actor_options": {k: v for k, v in actor.items() if v is not None} or None}
-    http = {"host": args.host or (None if config else "127.0.0.1"), "port": args.port}
-    run_local(config, args={k: v for k, v in app_args.items() if v is not None},
-              deployment_options={k: v for k, v in options.items() if v is not None},
-              http_options={k: v for k, v in http.items() if v is not None})
-    return 0
+def load_plugin_commands() -> None:
+    """Import the modules that entry points of group `audiogen.commands` name (the Ray commands of `pipelines`
+    register themselves this way), so this library never imports `pipelines` itself."""
+    for entry_point in entry_points(group=PLUGIN_GROUP):
+        entry_point.load()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    load_plugin_commands()
     parser = argparse.ArgumentParser(prog="audiogen", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -374,5 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m audiogen.cli`: run the imported module, where plugins register
+    from audiogen.cli import main as imported_main
+
+    sys.exit(imported_main())
