@@ -104,16 +104,18 @@ def save_tiny_model(seed: int = 0) -> Path:
     return directory
 
 
-def save_random_musicgen(size: str, *, seed: int = 0, window: float = 10.0) -> Path:
+def save_random_musicgen(size: str, *, seed: int = 0, window: float = 10.0,
+                         dims: dict[str, int] | None = None) -> Path:
     """A random transformers MusicGen of preset `size` (tiny T5; EnCodec sized like AudioGen's for non-tiny
-    sizes) saved with save_pretrained: every benchmarked system loads these same weights."""
+    sizes) saved with save_pretrained: every benchmarked system loads these same weights. `dims` overrides the
+    preset's dim / num_layers / num_heads / ffn_dim."""
     from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
                               MusicgenForConditionalGeneration)
 
     from audiogen.config import PRESETS
     from audiogen.testing import tiny_t5_config, tiny_tokenizer
 
-    preset = PRESETS[size]
+    preset = {**PRESETS[size], **(dims or {})}
     card = preset.get("card", 2048)
     tokenizer = tiny_tokenizer()
     if size == "tiny":

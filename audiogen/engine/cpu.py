@@ -1,11 +1,14 @@
 """CPU thread placement for the engine.
 
 PyTorch's CPU kernels parallelise with OpenMP, and every thread that runs a parallel kernel gets its own OpenMP
-team. When the engine thread and the caller's thread both own a team, there are more OpenMP threads than cores
-and libgomp stops spinning between kernels, so each of the engine's ~100 small kernels per step pays a thread
-wake-up: steps of a small model measured 2-3x slower on 2 cores. Processes that serve with the engine (CLI,
-Ray actors, Serve replicas, benchmarks) therefore call `reserve_cores_for_engine()` first: the caller keeps one
-thread, the engine thread gets the cores.
+team. When the engine's loop thread and the caller's thread both own a team, there are more OpenMP threads than
+cores and libgomp stops spinning between kernels, so each of the engine's ~100 small kernels per step pays a
+thread wake-up: steps of a small model measured 2-3x slower on 2 cores.
+
+The synchronous API (`Engine.run`, `AudioGen.generate`) avoids this by stepping in the calling thread: one team,
+nothing to configure. Processes whose engine runs its background loop (Ray render actors and Serve replicas,
+whose event loops await it) call `reserve_cores_for_engine()` before loading a model: the caller keeps one
+thread, the loop thread gets the cores.
 """
 
 from __future__ import annotations
