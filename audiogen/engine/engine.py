@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import heapq
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
@@ -234,31 +235,47 @@ class Engine:
 
     def _drive(self, handles: list[RequestHandle]) -> None:
         """Step in the calling thread until `handles` are done (or wait for the loop thread doing it)."""
+        with self._cpu_threads():
+            self._step_until_done(handles)
+        # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
+        futures.wait([handle.future for handle in handles])
+
+    @contextlib.contextmanager
+    def _cpu_threads(self) -> Iterator[None]:
+        """The engine's CPU thread count for the stepping thread (per-thread in OpenMP), restored afterwards: a
+        caller that reserved its cores for a loop thread still steps with all of them."""
+        if self.device.type != "cpu":
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    def _step_until_done(self, handles: list[RequestHandle]) -> None:
         while not all(handle.done() for handle in handles):
-            if self._thread is not None:
-                futures.wait([handle.future for handle in handles])
+            if self._thread is not None:  # the loop thread steps; the caller only waits
                 return
             with self._step_lock:
                 if self._closing or not self._has_work():
                     break
                 self._iterate_guarded()
-        # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
-        futures.wait([handle.future for handle in handles])
 
     def _loop(self) -> None:
-        if self.device.type == "cpu":
-            torch.set_num_threads(self.cpu_threads)  # per-thread setting: the caller's thread keeps its own
-        while True:
-            with self._wake:
-                while not self._has_work() and not self._closing:
-                    self._wake.wait()
-                if self._closing:
-                    break
+        with self._cpu_threads():
+            while True:
+                with self._wake:
+                    while not self._has_work() and not self._closing:
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                with self._step_lock:
+                    if not self._iterate_guarded():
+                        return
             with self._step_lock:
-                if not self._iterate_guarded():
-                    return
-        with self._step_lock:
-            self._fail_all(self._closed_error())
+                self._fail_all(self._closed_error())
 
     def _has_work(self) -> bool:
         return bool(self._queue) or self.batch.active > 0
