@@ -1,81 +1,11 @@
-"""Tiny deterministic models for tests, smoke runs and benchmarks (no download needed).
+"""The tests' names for the seeded random models of `audiogen.scratch` (tests, smoke runs and benchmarks build
+their tiny models with these; production code imports `audiogen.scratch` itself)."""
 
-`tiny_model()` builds a complete AudioGen (tokenizer, T5 encoder, LM, EnCodec) from a seed. Its tokenizer is a
-real `PreTrainedTokenizerFast` (WordPiece over the sound vocabulary in `audiogen/data/words.txt`, with
-single-character pieces so any text tokenizes, and T5's `</s>` appended), so it saves and loads like any
-Hugging Face tokenizer.
-"""
+from audiogen.scratch import random_codec as tiny_codec
+from audiogen.scratch import random_model as tiny_model
+from audiogen.scratch import random_text_encoder as tiny_text_encoder
+from audiogen.scratch import small_t5_config as tiny_t5_config
+from audiogen.scratch import word_list
+from audiogen.scratch import word_tokenizer as tiny_tokenizer
 
-from __future__ import annotations
-
-import string
-from importlib import resources
-from typing import Any
-
-import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-from audiogen.codec import Codec, build_encodec
-from audiogen.config import AudioGenConfig
-from audiogen.lm import LanguageModel
-from audiogen.model import AudioGen
-from audiogen.text import TextConditioner
-
-SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-
-
-def word_list() -> list[str]:
-    text = resources.files("audiogen.data").joinpath("words.txt").read_text()
-    return [w for w in text.split() if w]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """WordPiece tokenizer: pad=0, </s>=1, <unk>=2, characters, then the word list."""
-    pieces = list(SPECIAL_TOKENS)
-    characters = string.ascii_lowercase + string.digits
-    pieces += list(characters) + ["##" + c for c in characters] + list(string.punctuation)
-    pieces += [w for w in word_list() if w not in pieces]
-    vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
-    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=64))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                             special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=512)
-
-
-def tiny_t5_config(vocab_size: int, d_model: int = 32) -> T5Config:
-    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
-                    relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                    feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-
-
-def tiny_text_encoder(seed: int = 0, d_model: int = 32) -> tuple[T5EncoderModel, PreTrainedTokenizerFast]:
-    tokenizer = tiny_tokenizer()
-    vocab_size = -(-len(tokenizer) // 8) * 8
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5EncoderModel(tiny_t5_config(vocab_size, d_model))
-    return model.eval(), tokenizer
-
-
-def tiny_codec(config: AudioGenConfig, seed: int = 0) -> Codec:
-    return build_encodec(sample_rate=config.sample_rate, n_q=config.n_q, card=config.card, num_filters=4,
-                         hidden_size=16, num_lstm_layers=1, audio_channels=config.audio_channels, seed=seed)
-
-
-def tiny_model(seed: int = 0, *, device: torch.device | str = "cpu", size: str = "tiny",
-               **overrides: Any) -> AudioGen:
-    """A random but fully deterministic AudioGen of preset `size` (default `tiny`) for tests and smoke runs."""
-    config = AudioGenConfig.preset(size, **overrides)
-    t5, tokenizer = tiny_text_encoder(seed, d_model=config.text_dim)
-    lm = LanguageModel(config)
-    lm.reset_parameters(seed)
-    text = TextConditioner(t5, tokenizer, dim=config.dim, max_tokens=config.max_text_tokens)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        text.output_proj.reset_parameters()
-    return AudioGen(config, lm, text, tiny_codec(config, seed), source={"format": "tiny-random", "seed": seed},
-                    device=device)
+__all__ = ["tiny_codec", "tiny_model", "tiny_t5_config", "tiny_text_encoder", "tiny_tokenizer", "word_list"]

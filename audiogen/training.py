@@ -17,11 +17,9 @@ The Ray job (`pipelines/train.py`) only moves data and processes around these pi
   same p either way.
 - `CaptionEncoder`: the frozen T5 with an LRU cache of its outputs per caption (captions repeat across the
   segments of a file and across epochs); the trainable text projection lives in `ConditionedLM` with the LM.
-- `build_optimizer` (AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on biases and
-  norms), `build_scheduler` (linear warmup, then inverse square root, cosine or constant).
-- `TrainState`: one optimizer step over several micro-batches (gradient accumulation, DDP `no_sync` on all but
-  the last), clipping, bf16 autocast on GPU; evaluation; checkpoints (model + optimizer + scheduler + step) read
-  back with `torch.load(weights_only=True)` only.
+- `build_optimizer`: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on biases/norms.
+- `TrainState`: the LM's `audiogen.train_loop.Stepper` (accumulation, clipping, schedule), bf16 autocast on GPU,
+  evaluation and checkpoints (read back with `torch.load(weights_only=True)` only); `train_loop.run` drives it.
 - `export_model`: a training checkpoint + the base model's T5 and codec -> an `AudioGen` for `save_pretrained`.
 
 Loss scaling under accumulation and data parallelism: each micro-batch's loss is its own masked mean, the step's
@@ -35,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -50,7 +47,9 @@ from torch import nn
 from audiogen.config import PRESETS, AudioGenConfig
 from audiogen.errors import InvalidConfigError
 from audiogen.lm import LanguageModel
+from audiogen.options import check_choices, option
 from audiogen.patterns import build_delay_pattern, pattern_frame_index
+from audiogen.train_loop import SCHEDULES, Reduce, Schedule, Stepper
 
 CHECKPOINT_STATE_FILE = "training_state.pt"
 CHECKPOINT_META_FILE = "training_meta.json"
@@ -65,22 +64,24 @@ CHECKPOINT_VERSION = 1
 class TrainingConfig:
     """Optimisation settings; defaults are audiocraft's AudioGen recipe except where noted."""
 
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    eps: float = 1e-8
-    schedule: str = "inverse_sqrt"  # "inverse_sqrt" | "cosine" | "constant", all after a linear warmup
-    warmup_steps: int = 3000
-    max_steps: int = 100_000  # the cosine schedule decays over this many steps
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
-    grad_clip: float = 1.0  # 0 disables clipping
-    grad_accum: int = 1  # micro-batches per optimizer step
-    cfg_dropout: float = 0.1
-    cfg_dropout_mode: str = "sample"  # "sample" (per example) | "batch" (audiocraft)
-    loss_weighting: str = "codebook"  # "codebook" (audiocraft: mean of per-codebook means) | "token"
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
-    text_cache_size: int = 4096  # captions whose T5 output is kept (CPU memory); 0 disables the cache
-    seed: int = 0
+    lr: float = option(5e-4, help="peak learning rate")
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas")
+    weight_decay: float = option(0.1, help="AdamW weight decay of matrices and embeddings (none on biases, norms)")
+    eps: float = option(1e-8, help="AdamW epsilon")
+    schedule: str = option("inverse_sqrt", help="learning rate after the linear warmup", choices=SCHEDULES)
+    warmup_steps: int = option(3000, help="linear warmup steps")
+    max_steps: int = option(100_000, help="the cosine schedule decays over this many steps")
+    min_lr_ratio: float = option(0.0, help="cosine floor, as a fraction of lr")
+    grad_clip: float = option(1.0, help="gradient norm clip (0: none)")
+    grad_accum: int = option(1, help="micro-batches per optimizer step")
+    cfg_dropout: float = option(0.1, help="probability of training on the null condition (classifier-free guidance)")
+    cfg_dropout_mode: str = option("sample", choices=("sample", "batch"),
+                                   help="drop per example (sample) or whole micro-batches (batch, audiocraft)")
+    loss_weighting: str = option("codebook", choices=("codebook", "token"),
+                                 help="mean of per-codebook means (codebook, audiocraft) or over all tokens (token)")
+    precision: str = option("auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU")
+    text_cache_size: int = option(4096, help="captions whose T5 output is kept in CPU memory (0: no cache)")
+    seed: int = option(0, help="seed of the condition dropout")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -91,26 +92,20 @@ class TrainingConfig:
             if not ok:
                 raise InvalidConfigError(f"training.{name}", f"{rule} (got {getattr(self, name)!r})")
 
+        check_choices(self, "training.")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.schedule in ("inverse_sqrt", "cosine", "constant"), "schedule",
-             "must be inverse_sqrt, cosine or constant")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         need(self.max_steps >= 1, "max_steps", "must be >= 1")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum", "must be an integer >= 1")
         need(0 <= self.cfg_dropout <= 1, "cfg_dropout", "must be in [0, 1]")
-        need(self.cfg_dropout_mode in ("sample", "batch"), "cfg_dropout_mode", "must be sample or batch")
-        need(self.loss_weighting in ("codebook", "token"), "loss_weighting", "must be codebook or token")
-        need(self.precision in ("auto", "fp32", "bf16"), "precision", "must be auto, fp32 or bf16")
         need(self.text_cache_size >= 0, "text_cache_size", "must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
+    def lr_schedule(self) -> Schedule:
+        return Schedule(self.schedule, self.warmup_steps, self.max_steps, self.min_lr_ratio)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
@@ -132,11 +127,6 @@ class Batch:
     targets: torch.Tensor  # [B, K, S] long: the token of position p + 1 (special where not a frame)
     mask: torch.Tensor  # [B, K, S] bool: the target is a real frame of the example
     captions: list[str]
-
-    @property
-    def num_tokens(self) -> int:
-        """Scored (codebook, frame) targets."""
-        return int(self.mask.sum())
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.tokens.to(device, non_blocking=True), self.targets.to(device, non_blocking=True),
@@ -205,6 +195,19 @@ class LossOutput:
     count: torch.Tensor  # [K] valid positions per codebook
 
 
+def combine_codebooks(ce_sum: torch.Tensor, count: torch.Tensor, weighting: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-codebook CE sums [K] and valid-position counts [K] -> (loss, mean CE per codebook [K]), weighted as
+    `lm_loss` documents; one rule for a micro-batch and for a whole validation split."""
+    per_codebook = ce_sum / count.clamp_min(1)
+    if weighting == "token":
+        return ce_sum.sum() / count.sum().clamp_min(1), per_codebook
+    if weighting == "codebook":
+        present = count > 0
+        return (per_codebook * present).sum() / present.sum().clamp_min(1), per_codebook
+    raise ValueError(f"unknown loss weighting {weighting!r}")
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, weighting: str = "codebook"
             ) -> LossOutput:
     """Masked cross-entropy of logits [B, K, S, card] against targets [B, K, S] where mask [B, K, S].
@@ -217,17 +220,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, wei
     # permute would copy the largest tensor of the step); float32 for the softmax under bf16 autocast
     card = logits.shape[-1]
     ce = F.cross_entropy(logits.reshape(-1, card).float(), safe.reshape(-1), reduction="none").view(mask.shape)
-    ce = ce * mask
-    ce_sum = ce.sum(dim=(0, 2))
-    count = mask.sum(dim=(0, 2))
-    per_codebook = ce_sum / count.clamp_min(1)
-    if weighting == "token":
-        loss = ce_sum.sum() / count.sum().clamp_min(1)
-    elif weighting == "codebook":
-        present = count > 0
-        loss = (per_codebook * present).sum() / present.sum().clamp_min(1)
-    else:
-        raise ValueError(f"unknown loss weighting {weighting!r}")
+    ce_sum, count = (ce * mask).sum(dim=(0, 2)), mask.sum(dim=(0, 2))
+    loss, per_codebook = combine_codebooks(ce_sum, count, weighting)
     return LossOutput(loss, per_codebook.detach(), ce_sum.detach(), count.detach())
 
 
@@ -315,7 +309,7 @@ class CaptionEncoder:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
+# Optimizer
 # ---------------------------------------------------------------------------------------------------------------
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains (nanoGPT's split;
@@ -336,84 +330,28 @@ def build_optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Op
     return torch.optim.AdamW(parameter_groups(module, config.weight_decay), **kwargs)
 
 
-def lr_factor(step: int, config: TrainingConfig) -> float:
-    """Multiplier of `lr` for the optimizer update number `step + 1` (0-based `step`)."""
-    s = step + 1
-    warmup = config.warmup_steps
-    if warmup and s <= warmup:
-        return s / warmup
-    if config.schedule == "constant":
-        return 1.0
-    if config.schedule == "inverse_sqrt":
-        return math.sqrt(max(warmup, 1) / s)
-    span = max(config.max_steps - warmup, 1)
-    progress = min(max((s - warmup) / span, 0.0), 1.0)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        return lr_factor(step, config)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The training state
 # ---------------------------------------------------------------------------------------------------------------
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@contextlib.contextmanager
-def _gradient_sync(module: nn.Module, sync: bool) -> Any:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step (DDP `no_sync`,
-    FSDP2 `set_requires_gradient_sync`)."""
-    if sync:
-        yield
-    elif hasattr(module, "no_sync"):
-        with module.no_sync():
-            yield
-    elif hasattr(module, "set_requires_gradient_sync"):
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
 def _seed_for(*parts: int) -> int:
     digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class TrainState:
-    """Model (possibly DDP/FSDP-wrapped), optimizer, schedule and step counter, with one-step training."""
+class TrainState(Stepper):
+    """The LM's `Stepper`: a micro-batch is a `Batch` whose captions go through condition dropout (seeded by
+    seed, rank, step and micro-batch, so a resumed run drops the same ones), the frozen T5 and the LM under
+    autocast; its metrics are `loss_q{k}` and the scored `tokens`. Adds evaluation and checkpoints."""
 
     def __init__(self, module: nn.Module, captions: CaptionEncoder, config: TrainingConfig, *,
                  model_config: AudioGenConfig, device: torch.device | str | None = None, rank: int = 0) -> None:
-        self.module = module
+        super().__init__(module, build_optimizer(module, config), config.lr_schedule(), self._micro_batch_loss,
+                         grad_clip=config.grad_clip, totals=("tokens",))
         self.captions = captions
         self.config = config
         self.model_config = model_config
         self.device = torch.device(device) if device is not None else next(module.parameters()).device
         self.rank = rank
-        self.optimizer = build_optimizer(module, config)
-        self.scheduler = build_scheduler(self.optimizer, config)
-        self.step = 0
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     def collate(self, codes: Sequence[Any], captions: Sequence[str], n_frames: Sequence[int] | None = None,
                 max_frames: int | None = None) -> Batch:
@@ -424,75 +362,33 @@ class TrainState:
         """Loss of one micro-batch with the given (possibly dropped) captions."""
         batch = batch.to(self.device)
         hidden, text_mask = self.captions(list(batch.captions if captions is None else captions))
-        with autocast_context(self.device, self.config.precision):
+        bf16 = self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):  # fp32 softmax: `lm_loss`
             logits = self.module(batch.tokens, hidden, text_mask)
         return lm_loss(logits, batch.targets, batch.mask, self.config.loss_weighting)
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, Any]:
-        """One optimizer update over `micro_batches` (their number is the accumulation for this step)."""
-        if not micro_batches:
-            raise ValueError("train_step needs at least one micro-batch")
-        started = time.perf_counter()
-        self.module.train()
-        count = len(micro_batches)
-        losses, per_codebook, tokens = [], [], 0
-        for index, batch in enumerate(micro_batches):
-            generator = torch.Generator().manual_seed(_seed_for(self.config.seed, self.rank, self.step, index))
-            captions = drop_conditions(batch.captions, self.config.cfg_dropout, self.config.cfg_dropout_mode,
-                                       generator)
-            with _gradient_sync(self.module, index == count - 1):
-                out = self.forward(batch, captions)
-                (out.loss / count).backward()
-            losses.append(float(out.loss.detach()))
-            per_codebook.append(out.per_codebook.float().cpu())
-            tokens += int(out.count.sum())
-        grad_norm = self._clip()
-        lr = self.lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        return {"step": self.step, "loss": sum(losses) / count,
-                "loss_per_codebook": torch.stack(per_codebook).mean(0).tolist(), "lr": lr,
-                "grad_norm": grad_norm, "tokens": tokens, "seconds": time.perf_counter() - started}
-
-    def _clip(self) -> float:
-        max_norm = self.config.grad_clip or float("inf")
-        if hasattr(self.module, "clip_grad_norm_"):  # FSDP1: the norm over all shards
-            norm = self.module.clip_grad_norm_(max_norm)
-        else:  # plain, DDP, or FSDP2 (DTensor gradients: the norm is reduced over the shards)
-            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+    def _micro_batch_loss(self, batch: Batch, index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        generator = torch.Generator().manual_seed(_seed_for(self.config.seed, self.rank, self.step, index))
+        out = self.forward(batch, drop_conditions(batch.captions, self.config.cfg_dropout,
+                                                  self.config.cfg_dropout_mode, generator))
+        per_codebook = {f"loss_q{k}": value for k, value in enumerate(out.per_codebook.float().tolist())}
+        return out.loss, {**per_codebook, "tokens": float(out.count.sum())}
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        """Sums over batches (all captions kept): `ce_sum` [K], `count` [K], `loss_sum`, `batches`. Callers
-        all-reduce these across workers, then call `eval_metrics`."""
+    def evaluate(self, batches: Iterable[Batch], reduce: Reduce | None = None) -> dict[str, float]:
+        """Over `batches` with every caption kept (and over all workers' batches with `reduce`): `val_loss` (the
+        training loss's weighting over the whole split, not a mean of batch means), `val_loss_q{k}`, `val_tokens`."""
         self.module.eval()
-        k = self.model_config.num_codebooks
-        ce_sum, count = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-        loss_sum, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        sums = torch.zeros(2, self.model_config.num_codebooks, dtype=torch.float64)
         for batch in batches:
             out = self.forward(batch)
-            ce_sum += out.ce_sum.double().cpu()
-            count += out.count.double().cpu()
-            loss_sum += float(out.loss)
-            n += 1
+            sums += torch.stack([out.ce_sum.double(), out.count.double()]).cpu()
         self.module.train()
-        return {"ce_sum": ce_sum, "count": count, "loss_sum": loss_sum, "batches": n}
-
-    def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """val_loss (the training loss's weighting, over the whole split), per-codebook val CE."""
-        per_codebook = (sums["ce_sum"] / sums["count"].clamp_min(1))
-        if self.config.loss_weighting == "token":
-            loss = float(sums["ce_sum"].sum() / sums["count"].sum().clamp_min(1))
-        else:
-            present = sums["count"] > 0
-            loss = float((per_codebook * present).sum() / present.sum().clamp_min(1))
-        return {"val_loss": loss, "val_loss_per_codebook": per_codebook.tolist(),
-                "val_tokens": int(sums["count"].sum())}
+        if reduce is not None:
+            sums = torch.tensor(reduce(sums.flatten().tolist()), dtype=torch.float64).view_as(sums)
+        loss, per_codebook = combine_codebooks(sums[0], sums[1], self.config.loss_weighting)
+        return {"val_loss": float(loss), **{f"val_loss_q{k}": v for k, v in enumerate(per_codebook.tolist())},
+                "val_tokens": int(sums[1].sum())}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -514,8 +410,8 @@ class TrainState:
                    "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict()}
         torch.save(payload, directory / CHECKPOINT_STATE_FILE)
         info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
-                "model_config": self.model_config.to_dict(), "training_config": self.config.to_dict(),
-                "text_projection": isinstance(_unwrap(self.module).text_proj, nn.Linear)}
+                "model_config": self.model_config.to_dict(), "training_config": asdict(self.config),
+                "text_projection": isinstance(getattr(self.module, "module", self.module).text_proj, nn.Linear)}
         info.update(meta or {})
         (directory / CHECKPOINT_META_FILE).write_text(json.dumps(info, indent=2, default=str))
 
@@ -617,30 +513,27 @@ def export_model(checkpoint: str | os.PathLike[str], base: Any, *, source: dict[
 
 
 def load_base_model(spec: str, *, device: str = "cpu") -> Any:
-    """`tiny` / `tiny:SEED` (the deterministic test model of `audiogen.testing`) or a checkpoint directory
+    """`tiny` / `tiny:SEED` (the seeded random model of `audiogen.scratch`) or a checkpoint directory
     `AudioGen.from_pretrained` reads; float32 on `device`."""
     from audiogen.model import AudioGen
 
     if spec == "tiny" or spec.startswith("tiny:"):
-        from audiogen.testing import tiny_model
+        from audiogen.scratch import random_model
 
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
         with single_thread():
-            return tiny_model(seed=seed, device=device)
+            return random_model(seed=_tiny_seed(spec), device=device)
     return AudioGen.from_pretrained(spec, device=device, dtype=torch.float32)
 
 
 def load_text_encoder_of(spec: str) -> tuple[nn.Module, Any]:
     """Only the (T5, tokenizer) of a base model spec (what a from-scratch worker needs): read directly from an
     audiogen directory's `text_encoder/`, otherwise taken from the loaded model."""
-    from pathlib import Path
-
     from audiogen.text import load_text_encoder
 
     if spec == "tiny" or spec.startswith("tiny:"):
-        from audiogen.testing import tiny_text_encoder
+        from audiogen.scratch import random_text_encoder
 
-        return tiny_text_encoder(int(spec.split(":", 1)[1]) if ":" in spec else 0)
+        return random_text_encoder(_tiny_seed(spec))
     root = Path(spec).expanduser()
     config = root / "config.json"
     if (root / "text_encoder").is_dir() and config.exists() and json.loads(config.read_text()).get("format") == "audiogen":
@@ -648,6 +541,10 @@ def load_text_encoder_of(spec: str) -> tuple[nn.Module, Any]:
     model = load_base_model(spec)
     model.close()
     return model.text.t5, model.text.tokenizer
+
+
+def _tiny_seed(spec: str) -> int:
+    return int(spec.split(":", 1)[1]) if ":" in spec else 0
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ stage's output to redo it (and the stages after it, which were built from it).
     codec     WORK/codec/: an EnCodec trained on the train clips (`audiogen.codec_training`), with
               codec_report.json (training history, held-out round-trip SI-SNR).
     base      WORK/base/: the model directory a from-scratch run is conditioned on: the tiny random T5 (frozen in
-              training) with the word-level tokenizer of `audiogen.testing` at width --text-dim, the trained codec,
+              training) with the word-level tokenizer of `audiogen.scratch` at width --text-dim, the trained codec,
               and the demo LM config (the `tiny` preset + `lm_overrides`) with its step-0 weights.
     encode    WORK/codes/{train,heldout}/: `pipelines.encode` with the base's codec, one segment per clip.
     train     WORK/runs/ (Ray Train checkpoints), WORK/model/ (the exported model, best held-out loss) and
@@ -205,22 +205,15 @@ def demo_config(codec: Any, args: argparse.Namespace) -> Any:
 
 
 def run_base(work: Work, args: argparse.Namespace) -> None:
-    """Assemble T5 + tokenizer + trained codec + the step-0 LM (`build_scratch_module`, the training run's own
+    """Assemble T5 + tokenizer + trained codec + the step-0 LM (`scratch_model`: the training run's own
     initialisation) into an audiogen directory: the base of the train stage and the untrained demo model."""
     from audiogen.codec import Codec
-    from audiogen.model import AudioGen
-    from audiogen.testing import tiny_text_encoder
-    from audiogen.text import TextConditioner
-    from audiogen.training import build_scratch_module
+    from audiogen.scratch import random_text_encoder, scratch_model
 
     codec = Codec.from_pretrained(work.codec)
-    t5, tokenizer = tiny_text_encoder(args.seed, d_model=args.text_dim)
     config = demo_config(codec, args)
-    module = build_scratch_module(config, args.text_dim, seed=args.seed)
-    text = TextConditioner(t5, tokenizer, dim=config.dim, max_tokens=config.max_text_tokens)
-    text.output_proj.load_state_dict(module.text_proj.state_dict())
-    model = AudioGen(config, module.lm, text, codec, source={"format": "audiogen-demo-base", "seed": args.seed},
-                     device="cpu")
+    model = scratch_model(config, *random_text_encoder(args.seed, d_model=args.text_dim), codec, seed=args.seed,
+                          source={"format": "audiogen-demo-base", "seed": args.seed})
     model.save_pretrained(work.base)
     parameters = model.metadata()["parameters"]
     model.close()
@@ -258,7 +251,7 @@ def run_train(work: Work, args: argparse.Namespace) -> None:
         name=RUN_NAME, preset=PRESET, base=str(work.base), overrides=lm_overrides(args),
         training=training_options(args), workers=args.workers, use_gpu=args.use_gpu,
         cpus_per_worker=args.cpus_per_worker, batch_size=args.batch_size, max_steps=args.steps,
-        log_every=args.log_every, eval_every=args.eval_every, keep=2, max_failures=2, export=str(work.model),
+        log_every=args.log_every, eval_every=args.eval_every, keep=2, export=str(work.model),
         export_best=True, seed=args.seed))
     write_json(work.train_summary, summary)
     final = summary["metrics"]
@@ -388,7 +381,8 @@ def codec_section(work: Work, config: dict[str, Any]) -> list[str]:
             f"- {training['config']['steps']} steps of {training['config']['batch_size']} x "
             f"{training['config']['segment_seconds']:g} s crops, {training['seconds']:.0f} s; final loss "
             f"{training['history'][-1]['loss']:.3f} (spectral {training['history'][-1]['spectral']:.3f})",
-            f"- held-out round trip SI-SNR: mean {report['heldout']['si_snr_mean']:.2f} dB, median "
+            f"- held-out round trip SI-SNR (scale-invariant SNR of mean-removed signals, "
+            f"`audiogen.eval.audio_metrics.si_snr`): mean {report['heldout']['si_snr_mean']:.2f} dB, median "
             f"{report['heldout']['si_snr_median']:.2f} dB", ""]
 
 

@@ -38,13 +38,14 @@ import json
 import logging
 import math
 import os
-import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from audiogen.data.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()), ("kind", pa.string()),
     ("message", pa.string()),
 ])
-PATH_COLUMNS = ("path", "audio", "uri", "file")
-CAPTION_COLUMNS = ("caption", "description", "text", "prompt")
 
 
 @dataclass
@@ -111,12 +110,6 @@ class CodecInfo:
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers (no Ray): manifest, segmenting, the codes table format
 # ---------------------------------------------------------------------------------------------------------------
-def source_id(path: str, caption: str, offset: float, duration: float | None) -> str:
-    """Stable id of a manifest row without an `id` column (same file + span + caption -> same id)."""
-    key = json.dumps([path, caption, float(offset or 0.0), None if duration is None else float(duration)])
-    return "s-" + hashlib.sha256(key.encode()).hexdigest()[:20]
-
-
 def part_name(keys: list[str]) -> str:
     """Deterministic shard name from the ids it holds: a retried batch overwrites its own shard."""
     return "part-" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24] + ".parquet"
@@ -124,74 +117,6 @@ def part_name(keys: list[str]) -> str:
 
 def segment_key(source: str, segment: int) -> str:
     return f"{source}#{int(segment)}"
-
-
-def _pick(table: pa.Table, names: tuple[str, ...], what: str, required: bool = True) -> str | None:
-    for name in names:
-        if name in table.column_names:
-            return name
-    if required:
-        raise ValueError(f"manifest has no {what} column (one of {list(names)}); columns: {table.column_names}")
-    return None
-
-
-def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """A Parquet (`.parquet`, or a directory/prefix of them) or JSONL (`.jsonl`/`.json`/`.ndjson`) manifest ->
-    a table with columns id, path, caption, offset, duration, split (ids derived where absent)."""
-    import fsspec
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    from pipelines.storage import expand_inputs
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    lower = url.lower().split("?", 1)[0]
-    if lower.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz")):
-        with fs.open(path, "rb", compression="infer") as handle:
-            table = pajson.read_json(handle)
-        base = posixpath.dirname(url)
-    else:
-        files = expand_inputs(url, storage_options, ".parquet")
-        tables = []
-        for path in files:
-            with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle))
-        table = pa.concat_tables(tables, promote_options="default")
-        base = posixpath.dirname(url) if lower.endswith(".parquet") else url.rstrip("/")
-    path_col = _pick(table, PATH_COLUMNS, "audio path")
-    caption_col = _pick(table, CAPTION_COLUMNS, "caption")
-    n = table.num_rows
-
-    def column(name: str | None, default: Any) -> list[Any]:
-        if name is None or name not in table.column_names:
-            return [default] * n
-        return table[name].to_pylist()
-
-    paths = [_resolve_path(str(p), base) if p is not None else "" for p in column(path_col, None)]
-    captions = ["" if c is None else str(c) for c in column(caption_col, "")]
-    offsets = [float(o) if o is not None else 0.0 for o in column("offset", 0.0)]
-    durations = [float(d) if d is not None else None for d in column("duration", None)]
-    splits = [None if s is None else str(s) for s in column("split", None)]
-    given = column("id", None)
-    ids = [str(i) if i is not None else source_id(p, c, o, d)
-           for i, p, c, o, d in zip(given, paths, captions, offsets, durations)]
-    seen: dict[str, int] = {}
-    duplicates = []
-    for index, row_id in enumerate(ids):
-        if row_id in seen:
-            duplicates.append(f"{row_id!r} (rows {seen[row_id]} and {index})")
-        seen.setdefault(row_id, index)
-    if duplicates:
-        raise ValueError(f"manifest {url} has duplicate ids: {', '.join(duplicates[:5])}"
-                         f"{' ...' if len(duplicates) > 5 else ''}")
-    return pa.table({"id": ids, "path": paths, "caption": captions, "offset": pa.array(offsets, pa.float64()),
-                     "duration": pa.array(durations, pa.float64()), "split": pa.array(splits, pa.string())})
-
-
-def _resolve_path(path: str, base: str) -> str:
-    if "://" in path or os.path.isabs(path) or not path:
-        return path
-    return posixpath.join(base, path) if "://" in base else os.path.join(base, path)
 
 
 @dataclass
@@ -326,11 +251,11 @@ def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
     spec = local_model(spec, storage_options)
     if spec == "tiny" or spec.startswith("tiny:"):
         from audiogen.config import AudioGenConfig
-        from audiogen.testing import tiny_codec
+        from audiogen.scratch import random_codec
         from audiogen.training import single_thread
 
         with single_thread():  # bit-identical in every process (see `single_thread`)
-            return tiny_codec(AudioGenConfig.preset("tiny"), seed=int(spec.split(":", 1)[1]) if ":" in spec else 0)
+            return random_codec(AudioGenConfig.preset("tiny"), seed=int(spec.split(":", 1)[1]) if ":" in spec else 0)
     directory = Path(spec).expanduser()
     if (directory / "codec").is_dir() and (directory / "config.json").exists():
         return Codec.from_pretrained(directory / "codec")  # audiogen's own model directory

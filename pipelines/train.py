@@ -7,85 +7,88 @@
     fine-tune:     `init` is a model directory (any format `AudioGen.from_pretrained` reads): its LM and text
                    projection are trained further, its T5 and codec are kept.
 
-The T5 is frozen in both cases (its outputs are cached per caption on each worker); the text projection and the
-LM train. The math lives in `audiogen.training`; this module only wires it into Ray:
+The T5 is frozen in both cases (its outputs are cached per caption on each worker). The math and the loop live in
+`audiogen.training` and `audiogen.train_loop`; this module only wires them into Ray:
 
-- data: the `codes/` Parquet shards of `pipelines.encode` (local or `s3://`), read with Ray Data and
-  materialised up front (codes are small: 10 s of 4 codebooks is 4 KB), split by the rows' `split` column
-  (`val`/`valid`/`validation`/`test` = held out) or else by a hash of the file id (`val_fraction`), so all
-  segments of one file land on the same side. Workers read their shard with `ray.train.get_dataset_shard`.
-- workers: `ScalingConfig(num_workers, use_gpu)`; `prepare_model` wraps DDP (or FSDP with one unit per
-  transformer layer, `strategy="fsdp"`, for models that do not fit one device); bf16 autocast on GPU.
-- reports: every `log_every` steps the loss (mean over the window, over all workers), per-codebook loss, learning
-  rate, grad norm and tokens/s (scored codebook tokens per second, all workers); every `eval_every` steps also the
-  validation loss and a checkpoint (`ray.train.report`) to `storage` (local or `s3://`), keeping the `keep` best
-  by `val_loss` plus always the latest.
+- data: the `codes/` Parquet shards of `pipelines.encode` (local or `s3://`), read with Ray Data and materialised
+  up front (10 s of 4 codebooks is 4 KB), split by the rows' `split` column (`val`/`valid`/`validation`/`test` =
+  held out) or else by a hash of the file id (`val_fraction`), so all segments of one file land on the same side.
+- workers: `ScalingConfig(num_workers, use_gpu)`; DDP (`prepare_model`) or FSDP2 (`strategy="fsdp"`).
+- reports: the loop's rows, summed over the workers, go to `ray.train.report`; evaluation rows (every `eval_every`
+  steps) carry the validation loss and a checkpoint in `storage`, keeping the `keep` best by `val_loss` and the
+  latest.
 - fault tolerance: `FailureConfig(max_failures)` restarts the worker group after a worker dies; every start
-  resumes from the latest checkpoint (`ray.train.get_checkpoint()`): step counter, optimizer, schedule and the
-  position in the epoch (approximately: the local shuffle order of the resumed epoch differs). Rerunning a job
-  with the same `storage` and `name` resumes the same way.
+  resumes from the latest checkpoint: step counter, optimizer, schedule and the position in the epoch (its local
+  shuffle order differs). Rerunning a job with the same `storage` and `name` resumes the same way.
 - export: the final (or best) checkpoint + the base's T5 and codec -> `AudioGen.save_pretrained(export)`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from audiogen.config import PRESETS
+from audiogen.options import check_choices, option
 
 log = logging.getLogger(__name__)
 
 VAL_SPLITS = frozenset({"val", "valid", "validation", "test"})
-CRASH_ENV = "AUDIOGEN_TEST_CRASH_AT_STEP"
 DATA_COLUMNS = ["id", "caption", "split", "n_frames", "codes"]
 
 
 @dataclass
 class TrainOptions:
-    data: str  # encode output (its codes/ is used) or Parquet file(s)/prefix/glob of codes rows
-    storage: str  # Ray Train storage: local directory or s3://bucket/prefix
-    name: str = "audiogen-train"
-    preset: str | None = None  # from scratch: LM size preset
-    init: str | None = None  # fine-tune: model to start from
-    base: str = "default"  # T5 + tokenizer + codec for from-scratch runs: "default" (the embedded demo model),
-    # "tiny[:SEED]" or a model directory
-    overrides: dict[str, Any] = field(default_factory=dict)  # model config fields (from scratch)
-    training: dict[str, Any] = field(default_factory=dict)  # audiogen.training.TrainingConfig fields
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    strategy: str = "ddp"  # "ddp" | "fsdp"
-    batch_size: int = 16  # micro-batch per worker
-    max_steps: int = 1000
-    log_every: int = 10
-    eval_every: int = 100  # validation + checkpoint interval (steps)
-    max_val_batches: int | None = None  # per worker and evaluation
-    keep: int = 3  # checkpoints kept (best by val_loss, plus always the latest)
-    max_failures: int = 0
-    val_fraction: float = 0.05
-    val_data: str | None = None  # a separate held-out set (then `data` is all training)
-    max_frames: int | None = None  # crop segments to this many frames
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: no shuffling)
-    materialize: bool = True
-    skip_codec_check: bool = False
-    export: str | None = None  # save_pretrained destination (local or s3://)
-    export_best: bool = False  # export the best checkpoint by val_loss instead of the final one
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    crash_at_step: int | None = None  # test hook: rank 1 exits at this step on a run's first attempt
+    """The train command's options (the CLI is generated from these fields' `help`/`choices` metadata)."""
+
+    data: str = option(help="output of `audiogen encode` (its codes/ is used) or codes Parquet file(s), "
+                            "prefix or glob; local or s3://")
+    storage: str = option(help="Ray Train storage for checkpoints: local directory or s3://bucket/prefix")
+    name: str = option("audiogen-train", help="run name; rerunning a name in the same storage resumes it")
+    preset: str | None = option(None, choices=PRESETS, help="train from scratch: LM size preset")
+    init: str | None = option(None, help="fine-tune this model directory (any format AudioGen reads)")
+    base: str = option("default", help="from scratch: the model whose T5, tokenizer and codec (that of the data) "
+                                       "are used: 'default' (embedded demo), 'tiny[:SEED]' or a model directory")
+    overrides: dict[str, Any] = option(factory=dict, help="model config fields of a from-scratch LM, e.g. dim=256")
+    training: dict[str, Any] = option(factory=dict, help="audiogen.training.TrainingConfig fields (lr, schedule, "
+                                                         "...); warmup_steps default: min(3000, max_steps // 10)")
+    workers: int = option(2, help="Ray Train workers (data parallel)")
+    use_gpu: bool = option(False, help="one GPU per worker (bf16 autocast)")
+    cpus_per_worker: float = option(1.0, help="CPUs per worker (on CPU also its torch threads)")
+    strategy: str = option("ddp", choices=("ddp", "fsdp"), help="data parallelism: replicas or sharded (FSDP2)")
+    batch_size: int = option(16, help="micro-batch per worker")
+    max_steps: int = option(1000, help="optimizer steps")
+    log_every: int = option(10, help="report interval (steps): means over the window, all workers")
+    eval_every: int = option(100, help="validation + checkpoint interval (steps)")
+    max_val_batches: int | None = option(None, help="validation batches per worker and evaluation (default: all)")
+    keep: int = option(3, help="checkpoints kept: the best by val_loss, plus always the latest")
+    max_failures: int = option(2, help="worker-group restarts after a worker dies, each from the latest checkpoint "
+                                       "(absorbs lost nodes; a crash that repeats still fails the run)")
+    val_fraction: float = option(0.05, help="held-out fraction of files (by id hash) when rows have no split")
+    val_data: str | None = option(None, help="a separate held-out set (then all of `data` is training)")
+    max_frames: int | None = option(None, help="crop segments to this many frames")
+    shuffle_buffer: int = option(256, help="rows in each worker's local shuffle buffer (0: no shuffling)")
+    materialize: bool = option(True, help="read the (small) codes once, up front, instead of streaming them")
+    skip_codec_check: bool = option(False, help="train even if the codes come from another codec than base's")
+    export: str | None = option(None, help="save_pretrained destination of the trained model (local or s3://)")
+    export_best: bool = option(False, help="export the best checkpoint by val_loss instead of the final one")
+    storage_options: dict[str, Any] = option(factory=dict, help="fsspec options of s3:// paths (endpoint_url, ...)")
+    seed: int = option(0, help="seed of initialisation, shuffling and condition dropout")
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.init is None):
             raise ValueError("give exactly one of preset (train from scratch) or init (fine-tune a model)")
         if self.init is not None and self.overrides:
             raise ValueError("model config overrides only apply to from-scratch training (preset)")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"strategy must be ddp or fsdp, got {self.strategy!r}")
+        check_choices(self)
         for name in ("workers", "batch_size", "max_steps", "log_every", "eval_every", "keep"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,9 +102,8 @@ class TrainOptions:
     def training_config(self) -> Any:
         from audiogen.training import TrainingConfig
 
-        values = dict(self.training)
-        values.setdefault("max_steps", self.max_steps)
-        values.setdefault("seed", self.seed)
+        values = {"max_steps": self.max_steps, "seed": self.seed, "warmup_steps": min(3000, self.max_steps // 10),
+                  **self.training}
         return TrainingConfig.from_dict(values)
 
 
@@ -112,7 +114,7 @@ def data_files(url: str, storage_options: dict[str, Any] | None = None) -> list[
     """Codes shards under `url`: its `codes/` when it is an encode output, else the Parquet files it names."""
     import fsspec
 
-    from pipelines.storage import expand_inputs
+    from audiogen.data.manifest import expand_inputs
 
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if fs.isdir(path) and fs.isdir(path.rstrip("/") + "/codes"):
@@ -182,26 +184,10 @@ def build_datasets(options: TrainOptions) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models on the driver and the workers
-# ---------------------------------------------------------------------------------------------------------------
-def local_model(spec: str, storage_options: dict[str, Any] | None = None) -> str:
-    from pipelines.encode import local_model as fetch
-
-    return fetch(spec, storage_options)
-
-
-def model_config_for(options: TrainOptions, base: Any) -> Any:
-    from audiogen.training import scratch_config
-
-    if options.init is not None:
-        return base.config
-    return scratch_config(options.preset, base.config, base.text.text_dim, **options.overrides)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The per-worker training loop
 # ---------------------------------------------------------------------------------------------------------------
 def _all_reduce(values: list[float], device: Any) -> list[float]:
+    """Element-wise sum over the workers (the `reduce` of `audiogen.train_loop`)."""
     import torch
     import torch.distributed as dist
 
@@ -212,29 +198,35 @@ def _all_reduce(values: list[float], device: Any) -> list[float]:
     return tensor.tolist()
 
 
-def _micro_batches(shard: Any, state: Any, options: TrainOptions, epoch: int, rank: int, skip: int):
+def _micro_batches(shard: Any, state: Any, options: TrainOptions, rank: int, position: dict[str, int]) -> Any:
+    """Endless micro-batches from this worker's shard, epoch after epoch (an epoch's last incomplete batch is
+    dropped). `position` ({"epoch", "batches_in_epoch"}: what a checkpoint records) counts the batches handed out;
+    a resumed position skips its epoch's batches already trained on."""
+    while True:
+        batches = shard.iter_batches(
+            batch_size=options.batch_size, batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=options.shuffle_buffer or None,
+            local_shuffle_seed=(options.seed * 1_000_003 + position["epoch"] * 1009 + rank)
+            if options.shuffle_buffer else None)
+        for table in itertools.islice(batches, position["batches_in_epoch"], None):
+            position["batches_in_epoch"] += 1
+            yield _collate(table, state, options)
+        if position["batches_in_epoch"] == 0:
+            raise RuntimeError(f"worker {rank} got no training batch: the train split needs at least workers x "
+                               f"batch_size rows (batch_size {options.batch_size})")
+        position.update(epoch=position["epoch"] + 1, batches_in_epoch=0)
+
+
+def _val_batches(shard: Any, state: Any, options: TrainOptions) -> Any:
+    tables = shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow")
+    return (_collate(table, state, options) for table in itertools.islice(tables, options.max_val_batches))
+
+
+def _collate(table: Any, state: Any, options: TrainOptions) -> Any:
     from pipelines.encode import codes_from_arrow
 
-    batches = shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow", drop_last=True,
-                                 local_shuffle_buffer_size=options.shuffle_buffer or None,
-                                 local_shuffle_seed=(options.seed * 1_000_003 + epoch * 1009 + rank)
-                                 if options.shuffle_buffer else None)
-    for index, table in enumerate(batches):
-        if index < skip:
-            continue
-        codes = codes_from_arrow(table["codes"])
-        yield state.collate(codes, table["caption"].to_pylist(), table["n_frames"].to_pylist(),
-                            max_frames=options.max_frames)
-
-
-def _val_batches(shard: Any, state: Any, options: TrainOptions):
-    from pipelines.encode import codes_from_arrow
-
-    for index, table in enumerate(shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow")):
-        if options.max_val_batches is not None and index >= options.max_val_batches:
-            break
-        yield state.collate(codes_from_arrow(table["codes"]), table["caption"].to_pylist(),
-                            table["n_frames"].to_pylist(), max_frames=options.max_frames)
+    return state.collate(codes_from_arrow(table["codes"]), table["caption"].to_pylist(),
+                         table["n_frames"].to_pylist(), max_frames=options.max_frames)
 
 
 def _prepare(module: Any, options: TrainOptions, device: Any) -> Any:
@@ -251,13 +243,18 @@ def _prepare(module: Any, options: TrainOptions, device: Any) -> Any:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """`audiogen.train_loop.run` on this worker's shard; the Ray parts are its hooks: rows are all-reduced over
+    the workers and go to `ray.train.report`, evaluation rows with a checkpoint (every rank calls it: FSDP gathers
+    the full state collectively; rank 0 writes it)."""
     import ray.train
     import ray.train.torch
     import torch
 
     from audiogen.config import AudioGenConfig
+    from audiogen.train_loop import run
     from audiogen.training import (CaptionEncoder, TrainState, build_scratch_module, load_base_model,
                                    load_text_encoder_of, module_from_model)
+    from pipelines.encode import local_model
 
     options: TrainOptions = config["options"]
     model_config = AudioGenConfig.from_dict(config["model_config"])
@@ -278,104 +275,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         module = build_scratch_module(model_config, t5.config.d_model, seed=options.seed)
     captions = CaptionEncoder(t5, tokenizer, model_config.max_text_tokens, cache_size=training.text_cache_size,
                               device=device)
-    module = _prepare(module, options, device)
-    state = TrainState(module, captions, training, model_config=model_config, device=device, rank=rank)
+    state = TrainState(_prepare(module, options, device), captions, training, model_config=model_config,
+                       device=device, rank=rank)
 
     history: list[dict[str, Any]] = []
-    epoch, consumed = 0, 0
+    position = {"epoch": 0, "batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             meta = state.load(directory)
         history = list(meta.get("history", []))
-        epoch, consumed = int(meta.get("epoch", 0)), int(meta.get("batches_in_epoch", 0))
+        position.update({key: int(meta.get(key, 0)) for key in position})
     start_step = state.step
-    crash_at = options.crash_at_step if not resumed else None
-
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "grad_norm": 0.0,
-              "per_codebook": [0.0] * model_config.num_codebooks, "started": time.perf_counter()}
-    last_val: dict[str, Any] = {}
-    pending: list[Any] = []
+    reduce = functools.partial(_all_reduce, device=device)
 
-    def report(step_metrics: dict[str, Any], with_checkpoint: bool) -> None:
-        nonlocal window
-        k = model_config.num_codebooks
-        sums = _all_reduce([window["loss"], window["steps"], window["tokens"], window["grad_norm"],
-                            *window["per_codebook"]], device)
-        elapsed = time.perf_counter() - window["started"]
-        steps = max(sums[1], 1.0)
-        metrics: dict[str, Any] = {
-            "step": state.step, "epoch": epoch, "loss": sums[0] / steps, "lr": step_metrics["lr"],
-            "grad_norm": sums[3] / steps, "tokens_per_s": sums[2] / max(elapsed, 1e-9),
-            "start_step": start_step, "resumed": resumed, "world_size": world,
-        }
-        metrics.update({f"loss_q{i}": sums[4 + i] / steps for i in range(k)})
-        if with_checkpoint and val_shard is not None:
-            sums_val = state.evaluate(_val_batches(val_shard, state, options))
-            reduced = _all_reduce([*sums_val["ce_sum"].tolist(), *sums_val["count"].tolist()], device)
-            sums_val["ce_sum"] = torch.tensor(reduced[:k], dtype=torch.float64)
-            sums_val["count"] = torch.tensor(reduced[k:], dtype=torch.float64)
-            val = state.eval_metrics(sums_val)
-            last_val.clear()
-            last_val.update({"val_loss": val["val_loss"], "val_tokens": val["val_tokens"]})
-            last_val.update({f"val_loss_q{i}": v for i, v in enumerate(val["val_loss_per_codebook"])})
-        metrics.update(last_val)
+    def evaluate() -> dict[str, float]:
+        return {} if val_shard is None else state.evaluate(_val_batches(val_shard, state, options), reduce)
+
+    def on_row(row: dict[str, Any], evaluated: bool) -> None:
+        row.update(epoch=position["epoch"], start_step=start_step, resumed=checkpoint is not None, world_size=world)
         if rank == 0:
-            history.append(dict(metrics))
-            log.info("step %d: %s", state.step, json.dumps({k: v for k, v in metrics.items()
-                                                            if isinstance(v, (int, float))}, default=str))
-        if with_checkpoint:
-            with tempfile.TemporaryDirectory(prefix="audiogen-ckpt-") as directory:
-                if rank == 0 or options.strategy == "fsdp":  # FSDP gathers the full state collectively
-                    state.save(directory, write=rank == 0, meta={
-                        "history": history, "epoch": epoch, "batches_in_epoch": consumed,
-                        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}})
-                ckpt = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=ckpt)
-        else:
-            ray.train.report(metrics)
-        window = {"loss": 0.0, "steps": 0, "tokens": 0, "grad_norm": 0.0,
-                  "per_codebook": [0.0] * k, "started": time.perf_counter()}
+            history.append(row)
+            log.info("step %d: %s", state.step, json.dumps(row))
+        if not evaluated:
+            ray.train.report(row)
+            return
+        with tempfile.TemporaryDirectory(prefix="audiogen-ckpt-") as directory:
+            if rank == 0 or options.strategy == "fsdp":  # FSDP gathers the full state collectively
+                state.save(directory, write=rank == 0, meta={"history": history, **position, "metrics": row})
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
-    while state.step < options.max_steps:
-        seen = 0
-        for batch in _micro_batches(train_shard, state, options, epoch, rank, consumed):
-            seen += 1
-            consumed += 1
-            pending.append(batch)
-            if len(pending) < training.grad_accum:
-                continue
-            step_metrics = state.train_step(pending)
-            pending = []
-            window["loss"] += step_metrics["loss"]
-            window["steps"] += 1
-            window["tokens"] += step_metrics["tokens"]
-            window["grad_norm"] += step_metrics["grad_norm"]
-            window["per_codebook"] = [a + b for a, b in zip(window["per_codebook"], step_metrics["loss_per_codebook"])]
-            if crash_at is not None and state.step == crash_at and rank == world - 1 and world > 1:
-                # Give the controller time to register the checkpoints reported so far (it polls the workers
-                # every couple of seconds), then die like a lost node would.
-                log.warning("test hook %s: rank %d exits at step %d", CRASH_ENV, rank, state.step)
-                time.sleep(3.0)
-                os._exit(1)
-            last = state.step >= options.max_steps
-            if state.step % options.eval_every == 0 or last:
-                report(step_metrics, with_checkpoint=True)
-            elif state.step % options.log_every == 0 or state.step == start_step + 1:
-                report(step_metrics, with_checkpoint=False)
-            if last:
-                break
-        else:
-            if seen == 0 and consumed == 0:
-                raise RuntimeError(f"worker {rank} got no training batch: the train split needs at least "
-                                   f"workers x batch_size = {world} x {options.batch_size} rows")
-            epoch, consumed, pending = epoch + 1, 0, []
-            continue
-        break
-    return {"history": history, "start_step": start_step, "step": state.step, "resumed": resumed,
+    run(state, _micro_batches(ray.train.get_dataset_shard("train"), state, options, rank, position),
+        max_steps=options.max_steps, grad_accum=training.grad_accum, log_every=options.log_every,
+        eval_every=options.eval_every, on_row=on_row, evaluate=evaluate, reduce=reduce)
+    return {"history": history, "start_step": start_step, "step": state.step, "resumed": checkpoint is not None,
             "text_cache": {"hits": captions.hits, "misses": captions.misses}}
 
 
@@ -405,17 +339,17 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from audiogen.training import load_base_model
+    from audiogen.training import load_base_model, scratch_config
+    from pipelines.encode import local_model
 
     started = time.perf_counter()
-    if options.crash_at_step is None and os.environ.get(CRASH_ENV):
-        options.crash_at_step = int(os.environ[CRASH_ENV])
     options.training_config()  # validate before starting anything
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     base = load_base_model(local_model(options.model_spec, options.storage_options))
-    model_config = model_config_for(options, base)
+    model_config = base.config if options.init is not None else scratch_config(
+        options.preset, base.config, base.text.text_dim, **options.overrides)
     files = data_files(options.data, options.storage_options)
     if not options.skip_codec_check:
         checksums = dataset_checksums(files, options.storage_options)
@@ -480,9 +414,3 @@ def export_checkpoint(checkpoint: Any, base: Any, destination: str, storage_opti
         return destination
     finally:
         model.close()
-
-
-def options_summary(options: TrainOptions) -> dict[str, Any]:
-    data = asdict(options)
-    data["storage_options"] = sorted(options.storage_options)  # keys only: values may be credentials
-    return data

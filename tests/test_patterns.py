@@ -20,9 +20,15 @@ def test_revert_inverts_build_for_stereo_delays():
     delays = (0, 0, 1, 1, 2, 2, 3, 3)
     seq = build_delay_pattern(codes, delays, special=50)
     assert torch.equal(revert_delay_pattern(seq, delays, 10), codes)
-    # stereo pairs share their delay
-    assert torch.equal(seq[:, 0], torch.where(seq[:, 0] == 50, seq[:, 0], seq[:, 0]))
-    assert (seq[:, 1, 1:11] == codes[:, 1]).all()
+    # the special token stands exactly where no frame is (position p of codebook k holds frame p - 1 - delay;
+    # codes are < 50), and stereo pairs share it
+    frame = torch.arange(seq.shape[-1])[None, :] - 1 - torch.tensor(delays)[:, None]
+    valid = (frame >= 0) & (frame < 10)
+    assert torch.equal(seq != 50, valid.expand_as(seq))
+    assert all(torch.equal(valid[k], valid[k + 1]) for k in range(0, 8, 2))
+    assert valid.sum(-1).tolist() == [10] * 8 and (seq[:, 1, 1:11] == codes[:, 1]).all()
+    # the training mask is the same validity one position later (position p is scored on the token of p + 1)
+    assert torch.equal(target_mask(seq.shape[-1] - 1, 10, delays), valid[:, 1:])
 
 
 def test_target_mask_marks_real_frames_only():

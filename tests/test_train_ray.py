@@ -1,13 +1,16 @@
 """`pipelines.train` on the 2-CPU local Ray cluster: 2 gloo workers on a tiny synthetic (caption, tone) set.
 
-One DDP training run (module fixture) is shared by several checks: the loss drops, a worker killed mid-run makes
-the run resume from its checkpoint and finish (step counter continued, not restarted), checkpoints are pruned,
-and the exported model loads and generates. A second, short FSDP run goes through moto S3 for data, checkpoints
-and export, and is then resumed by rerunning the same job with more steps.
+One DDP training run (module fixture) is shared by several checks: the loss drops, a worker the test kills
+mid-run (SIGKILL, as a lost node) makes the run resume from its checkpoint and finish (step counter continued,
+not restarted), checkpoints are pruned, and the exported model loads and generates. A second, short FSDP run goes
+through moto S3 for data, checkpoints and export, and is then resumed by rerunning the same job with more steps.
 """
 
 import json
 import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,7 +25,7 @@ from pipelines.train import TrainOptions, is_val_row, run_train
 pytestmark = pytest.mark.slow
 
 TONES = {"a low beep": 220.0, "a high beep": 1760.0, "a medium tone": 660.0, "a very high whistle": 3520.0}
-MAX_STEPS, EVAL_EVERY, CRASH_AT = 60, 10, 25
+MAX_STEPS, EVAL_EVERY, KILL_AFTER = 60, 10, 20
 
 
 def write_tone_dataset(directory, clips_per_caption=8, seconds=2.0, seed=0):
@@ -57,22 +60,51 @@ def tone_data(tmp_path_factory):
     return directory, rows
 
 
+def kill_a_worker_once_registered(run_dir, step, killed, timeout=900.0):
+    """Wait until Ray Train's controller has registered a checkpoint of `step` or later (it rewrites the run's
+    `checkpoint_manager_snapshot.json` on every registration), then SIGKILL one TorchTrainer worker process of
+    this test's Ray cluster, as a lost node would die; `killed` gets the registered step. Gives up after
+    `timeout` seconds (the test then fails on the missing kill)."""
+    import ray._private.state
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+            latest = int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being rewritten
+            latest = 0
+        if latest >= step:
+            pids = [actor["Pid"] for actor in ray._private.state.actors().values()
+                    if actor["ActorClassName"] == "RayTrainWorker" and actor["State"] == "ALIVE"]
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(latest)
+                return
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def trained(ray_local, tone_data, tmp_path_factory):
-    """60 steps, 2 workers; rank 1 dies at step 25 (first attempt only); checkpoints every 10 steps."""
+    """60 steps, 2 workers, checkpoints every 10 steps; a worker is killed once the step-20 checkpoint is
+    registered."""
     data, _ = tone_data
     root = tmp_path_factory.mktemp("train")
     options = TrainOptions(
         data=str(data), storage=str(root / "runs"), name="tones", preset="tiny", base="tiny", workers=2,
         batch_size=4, max_steps=MAX_STEPS, log_every=5, eval_every=EVAL_EVERY, keep=2, max_failures=3,
-        val_fraction=0.15, crash_at_step=CRASH_AT, export=str(root / "export"),
-        training={"lr": 1e-2, "warmup_steps": 5, "schedule": "cosine"})
+        val_fraction=0.15, export=str(root / "export"), training={"lr": 1e-2, "warmup_steps": 5, "schedule": "cosine"})
+    killed = []
+    killer = threading.Thread(target=kill_a_worker_once_registered, args=(root / "runs" / "tones", KILL_AFTER, killed),
+                              daemon=True)
+    killer.start()
     summary = run_train(options)
-    return summary, root
+    killer.join(timeout=5)
+    return summary, root, killed
 
 
 def test_loss_drops_well_below_its_initial_value(trained):
-    summary, _ = trained
+    summary, _, _ = trained
     history = summary["history"]
     first = history[0]
     assert first["step"] == 1 and first["start_step"] == 0
@@ -89,13 +121,14 @@ def test_loss_drops_well_below_its_initial_value(trained):
 
 
 def test_killed_worker_resumes_from_its_checkpoint(trained):
-    summary, root = trained
+    summary, root, killed = trained
     history = summary["history"]
-    # The first attempt reported from step 1; the last one started from a checkpoint taken before the crash
-    # (step 20, or 10 when the controller had not yet registered step 20's report when the worker died).
+    # The first attempt reported from step 1; the last one started from the latest checkpoint registered when
+    # the worker died: the one the kill waited for (step 20) or, if the controller was quicker, a later one.
+    assert killed and killed[0] >= KILL_AFTER, "the worker was not killed"
     assert summary["resumed"] is True
     resumed_at = summary["start_step"]
-    assert resumed_at in (10, 20)
+    assert resumed_at % EVAL_EVERY == 0 and killed[0] <= resumed_at < MAX_STEPS
     starts = sorted({h["start_step"] for h in history})
     assert starts[0] == 0 and starts[-1] == resumed_at
     steps_after = [h["step"] for h in history if h["start_step"] == resumed_at]
@@ -113,7 +146,7 @@ def test_killed_worker_resumes_from_its_checkpoint(trained):
 
 
 def test_exported_model_loads_and_generates(trained):
-    summary, root = trained
+    summary, root, _ = trained
     model = AudioGen.from_pretrained(root / "export", device="cpu")
     try:
         assert model.config.name == "audiogen-tiny" and model.source["step"] == MAX_STEPS

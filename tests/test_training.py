@@ -8,9 +8,10 @@ import torch
 
 from audiogen import AudioGen
 from audiogen.patterns import build_delay_pattern, target_mask
+from audiogen.train_loop import Schedule
 from audiogen.training import (CHECKPOINT_STATE_FILE, CaptionEncoder, TrainingConfig, TrainState,
                                build_scratch_module, collate, drop_conditions, export_model, lm_loss, load_base_model,
-                               load_text_encoder_of, lr_factor, module_from_model, parameter_groups, scratch_config)
+                               load_text_encoder_of, module_from_model, parameter_groups, scratch_config)
 
 CAPTIONS = ["a low beep", "a high beep", "rain on a roof", "a dog barking"]
 
@@ -50,7 +51,7 @@ def test_collate_matches_the_delay_pattern_and_masks_padding():
     assert torch.equal(batch.tokens[2, :, :short.shape[-1]], short)
     assert (batch.tokens[2, :, short.shape[-1]:] == card).all()
     assert torch.equal(batch.mask[2], target_mask(15, 7, delays))
-    assert batch.num_tokens == 4 * (12 + 12 + 7 + 1)
+    assert int(batch.mask.sum()) == 4 * (12 + 12 + 7 + 1)
     # every masked-in target is a real code, every masked-out one the special token
     assert (batch.targets[batch.mask] < card).all() and (batch.targets[~batch.mask] == card).all()
 
@@ -115,26 +116,25 @@ def test_gradient_check_loss_is_the_sum_of_per_position_cross_entropies(base, we
 
 
 def test_gradient_accumulation_averages_micro_batches(base):
-    state = _state(base)
+    state = _state(base, grad_clip=0.0)
     first = state.collate(_codes(3), CAPTIONS)
     second = state.collate(_codes(4, frames=8), CAPTIONS, [8, 8, 5, 8])
     params = [p for p in state.module.parameters() if p.requires_grad]
     expected = torch.autograd.grad((state.forward(first).loss + state.forward(second).loss) / 2, params)
     state.optimizer.zero_grad = lambda *a, **k: None  # keep the accumulated gradient for inspection
     state.optimizer.param_groups[0]["lr"] = state.optimizer.param_groups[1]["lr"] = 0.0  # and the weights
-    state.config.grad_clip = 0.0
-    metrics = state.train_step([first, second])
+    metrics = state.update([first, second])
     for p, want in zip(params, expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
     assert math.isclose(metrics["grad_norm"], float(norm), rel_tol=1e-4)
-    assert metrics["tokens"] == first.num_tokens + second.num_tokens and state.step == 1
+    assert metrics["tokens"] == int(first.mask.sum() + second.mask.sum()) and state.step == 1
 
 
 def test_loss_drops_when_overfitting_a_batch(base):
     state = _state(base, lr=1e-2)
     batch = state.collate(_codes(5, frames=16), CAPTIONS)
-    losses = [state.train_step([batch])["loss"] for _ in range(40)]
+    losses = [state.update([batch])["loss"] for _ in range(40)]
     assert losses[0] > 4.0 and losses[-1] < 0.5 * losses[0], losses
 
 
@@ -169,15 +169,17 @@ def test_condition_dropout_modes():
 
 # ------------------------------------------------------------------ optimizer and schedules
 def test_schedules():
-    inv = TrainingConfig(warmup_steps=4, schedule="inverse_sqrt")
-    assert [lr_factor(s, inv) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert math.isclose(lr_factor(15, inv), math.sqrt(4 / 16))
-    cos = TrainingConfig(warmup_steps=2, schedule="cosine", max_steps=12, min_lr_ratio=0.1)
-    assert lr_factor(1, cos) == 1.0 and math.isclose(lr_factor(11, cos), 0.1)
-    assert math.isclose(lr_factor(6, cos), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(100, TrainingConfig(warmup_steps=0, schedule="constant")) == 1.0
+    inv = TrainingConfig(warmup_steps=4, schedule="inverse_sqrt").lr_schedule()
+    assert [inv.factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert math.isclose(inv.factor(15), math.sqrt(4 / 16))
+    cos = Schedule("cosine", warmup_steps=2, max_steps=12, min_lr_ratio=0.1)
+    assert cos.factor(1) == 1.0 and math.isclose(cos.factor(11), 0.1)
+    assert math.isclose(cos.factor(6), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert Schedule("constant").factor(100) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         TrainingConfig(schedule="linear")
+    with pytest.raises(ValueError, match="schedule"):
+        Schedule("linear")
 
 
 def test_weight_decay_only_on_matrices(base):
@@ -194,11 +196,11 @@ def test_checkpoint_roundtrip_resumes_exactly(base, tmp_path):
     batches = [_state(base).collate(_codes(10 + i), CAPTIONS) for i in range(4)]
     straight = _state(base, cfg_dropout=0.5)
     for batch in batches:
-        straight.train_step([batch])
+        straight.update([batch])
 
     first = _state(base, cfg_dropout=0.5)
     for batch in batches[:2]:
-        first.train_step([batch])
+        first.update([batch])
     first.save(tmp_path / "ckpt", meta={"history": [{"step": 2}]})
     payload = torch.load(tmp_path / "ckpt" / CHECKPOINT_STATE_FILE, weights_only=True)
     assert payload["step"] == 2 and any(k.startswith("text_proj.") for k in payload["model"])
@@ -208,7 +210,7 @@ def test_checkpoint_roundtrip_resumes_exactly(base, tmp_path):
     assert resumed.step == 2 and meta["history"] == [{"step": 2}]
     assert resumed.lr == first.lr
     for batch in batches[2:]:
-        resumed.train_step([batch])
+        resumed.update([batch])
     for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -217,7 +219,7 @@ def test_export_loads_and_generates(base, tmp_path):
     state = _state(base)
     batch = state.collate(_codes(20), CAPTIONS)
     for _ in range(3):
-        state.train_step([batch])
+        state.update([batch])
     state.save(tmp_path / "ckpt")
     exported = export_model(tmp_path / "ckpt", base)
     exported.save_pretrained(tmp_path / "model")

@@ -1,6 +1,6 @@
 """Objective audio measurements for quality tests: pitch, sweep direction, tempo, noise colour, SI-SNR.
 
-Pure NumPy, mono float audio `[samples]` (a `[1, samples]` array or a torch tensor is accepted too). Each measure
+NumPy, mono float audio `[samples]` (a `[1, samples]` array or a torch tensor is accepted too). Each measure
 returns a small dataclass with the value and a confidence, so a test can assert on both and print a useful
 message when it fails.
 
@@ -21,7 +21,10 @@ message when it fails.
 - `spectral_slope` / `noise_colour`: Welch power spectrum averaged into third-octave bands between 100 Hz and
   5 kHz, least-squares line of band level (dB) against log2 frequency -> dB per octave. White ~0, pink ~-3, brown
   ~-6 dB/octave; the class is the nearest of the three.
-- `si_snr`: scale-invariant SNR in dB (zero-mean signals, projection onto the reference).
+- `si_snr_db` (torch, batched, differentiable) / `si_snr` (one clip, float64): the standard scale-invariant SNR
+  (Le Roux et al. 2019): both signals mean-removed, target = the estimate's projection onto the reference, dB of
+  |target|^2 / |estimate - target|^2; blind to gain and DC, not to phase. The project's one definition: the
+  codec's training loss and log, its held-out evaluation and the model card all use it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 NOTE_OFFSETS = {"c": 0, "d": 2, "e": 4, "f": 5, "g": 7, "a": 9, "b": 11}
 COLOUR_SLOPES = {"white": 0.0, "pink": -3.0103, "brown": -6.0206}
@@ -354,11 +358,18 @@ def noise_colour(audio: Any, sample_rate: int, **options: Any) -> ColourEstimate
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def si_snr_db(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """SI-SNR (dB) of each row of `estimate` [..., N] against `reference` [..., N] (see the module docstring);
+    `eps` keeps silent rows finite (their value means nothing: skip them)."""
+    estimate = estimate - estimate.mean(-1, keepdim=True)
+    reference = reference - reference.mean(-1, keepdim=True)
+    scale = (estimate * reference).sum(-1, keepdim=True) / (reference.square().sum(-1, keepdim=True) + eps)
+    target = scale * reference
+    return 10 * torch.log10((target.square().sum(-1) + eps) / ((estimate - target).square().sum(-1) + eps))
+
+
 def si_snr(estimate: Any, reference: Any, eps: float = 1e-12) -> float:
-    """Scale-invariant signal-to-noise ratio (dB) of `estimate` against `reference` (trimmed to the shorter)."""
+    """`si_snr_db` (dB) of one clip against its reference (mono, trimmed to the shorter), in float64."""
     est, ref = as_mono(estimate), as_mono(reference)
     n = min(est.size, ref.size)
-    est, ref = est[:n] - est[:n].mean(), ref[:n] - ref[:n].mean()
-    target = (est @ ref) / (ref @ ref + eps) * ref
-    noise = est - target
-    return float(10 * np.log10((target @ target + eps) / (noise @ noise + eps)))
+    return float(si_snr_db(torch.as_tensor(est[:n]), torch.as_tensor(ref[:n]), eps))
