@@ -6,14 +6,17 @@ A command's options are the fields of its dataclass (`SamplingParams`, `RenderOp
 default changed in the dataclass is the CLI's default too: nothing to keep in sync.
 
 Supported field types: str, int, float (optionally `| None`), bool (`--x/--no-x`), `dict[str, ...]`
-(repeatable `--x KEY=VALUE`), `list[str]`/`tuple[str, ...]` (repeatable `--x VALUE`). Any other type must be
-excluded by the caller, which then declares that option itself.
+(repeatable `--x KEY=VALUE`, values read as JSON when they parse: `dim=256`, `anon=true`), `list[str]` /
+`tuple[str, ...]` (repeatable `--x VALUE`) and fixed tuples such as `tuple[float, float]` (`--x A B`). Repeatable
+options take the singular flag (`storage_options` -> `--storage-option KEY=VALUE`). A field without a default is
+a required flag. Any other type must be excluded by the caller, which then declares that option itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from typing import Any, TypeVar
@@ -21,36 +24,43 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
+def flag_name(field: str, repeatable: bool = False) -> str:
+    name = field[:-1] if repeatable and field.endswith("s") else field
+    return "--" + name.replace("_", "-")
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
                 exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
     """Add one flag per init field of dataclass `cls` (except `exclude`); `defaults` overrides field defaults."""
     hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
     for field in dataclasses.fields(cls):
         if field.name in exclude or not field.init:
             continue
-        default = _default(field) if field.name not in (defaults or {}) else defaults[field.name]  # type: ignore[index]
+        default = defaults[field.name] if field.name in defaults else _default(field)
+        required = field.name not in defaults and _default(field) is dataclasses.MISSING
         kind = _strip_optional(hints[field.name])
-        help_text = field.metadata.get("help", "")
-        choices = field.metadata.get("choices")
-        flag = flag_name(field.name)
-        origin = typing.get_origin(kind)
+        origin, members = typing.get_origin(kind), typing.get_args(kind)
+        common = {"dest": field.name, "help": field.metadata.get("help", ""),
+                  "choices": field.metadata.get("choices")}
         if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            parser.add_argument(flag_name(field.name), action=argparse.BooleanOptionalAction, default=default,
+                                **common)
         elif kind in (str, int, float):
-            shown = "" if default is None or default == "" else f" (default: {default})"
-            parser.add_argument(flag, dest=field.name, type=kind, default=default, choices=choices,
-                                help=help_text + shown)
+            if default is not None and default is not dataclasses.MISSING and default != "":
+                common["help"] += f" (default: {default})"
+            parser.add_argument(flag_name(field.name), type=kind, required=required,
+                                default=None if required else default, **common)
+        elif origin is tuple and members and Ellipsis not in members and len(set(members)) == 1:
+            parser.add_argument(flag_name(field.name), type=members[0], nargs=len(members), default=default,
+                                metavar=field.name.upper(), **common)
         elif origin is dict:
-            parser.add_argument(flag, dest=field.name, action="append", default=None, metavar="KEY=VALUE",
-                                type=_key_value, help=help_text + " (repeatable)")
+            common["help"] += " (repeatable)"
+            parser.add_argument(flag_name(field.name, True), action="append", default=None, metavar="KEY=VALUE",
+                                type=_key_value, **common)
         elif origin in (list, tuple):
-            parser.add_argument(flag, dest=field.name, action="append", default=None, choices=choices,
-                                help=help_text + " (repeatable)")
+            common["help"] += " (repeatable)"
+            parser.add_argument(flag_name(field.name, True), action="append", default=None, **common)
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: type {kind} has no command-line form; exclude it and "
                             f"declare the option by hand")
@@ -65,7 +75,7 @@ def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
         value = getattr(args, field.name)
         kind = typing.get_origin(_strip_optional(hints[field.name]))
         if kind is dict:
-            value = dict(value or []) if value is not None else _default(field)
+            value = dict(value) if value is not None else _default(field)
         elif kind in (list, tuple):
             value = kind(value) if value is not None else _default(field)
         values[field.name] = value
@@ -73,11 +83,10 @@ def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
 
 
 def _default(field: dataclasses.Field[Any]) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
+    """The field's default (a fresh one from its factory), or `dataclasses.MISSING` when it has none."""
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
-    return None
+    return field.default
 
 
 def _strip_optional(kind: Any) -> Any:
@@ -90,8 +99,11 @@ def _strip_optional(kind: Any) -> Any:
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    """`key=value` -> (key, value), with true/false read as booleans (fsspec options such as anon=true)."""
+    """`key=value` -> (key, value); the value is JSON when it parses (256, 0.5, true, [1, 2]), else the text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key, {"true": True, "false": False}.get(value.lower(), value)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from audiogen.cli import add_model_arguments, command
+from audiogen.cli_options import add_options, from_args
 from audiogen.errors import InvalidRequestError
 
 
@@ -135,87 +136,41 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="output of `audiogen encode` (or codes Parquet files), local or s3://")
-    parser.add_argument("--storage", required=True, help="checkpoints: local directory or s3://bucket/prefix")
-    parser.add_argument("--name", default="audiogen-train", help="run name; rerunning a name resumes it")
-    start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--preset", help="train from scratch: LM size (tiny, small, medium, large)")
-    start.add_argument("--init", help="fine-tune this model directory")
-    parser.add_argument("--base", default="default", help="from scratch: the model providing the T5, its tokenizer "
-                        "and the codec the data was encoded with: 'default' (the embedded demo model), 'tiny' or a "
-                        "model directory")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
-                        help="model config field for from-scratch runs, e.g. dim=256 or window_duration=10")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
-    parser.add_argument("--batch-size", type=int, default=16, help="micro-batch per worker")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--schedule", choices=["inverse_sqrt", "cosine", "constant"], default="inverse_sqrt")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default: min(3000, max_steps // 10)")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--cfg-dropout", type=float, default=0.1)
-    parser.add_argument("--cfg-dropout-mode", choices=["sample", "batch"], default="sample")
-    parser.add_argument("--loss-weighting", choices=["codebook", "token"], default="codebook")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--eval-every", type=int, default=100, help="validation + checkpoint interval")
-    parser.add_argument("--max-val-batches", type=int, default=None)
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept (best by val_loss + latest)")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts after failures")
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--val-data", default=None, help="separate held-out codes")
-    parser.add_argument("--max-frames", type=int, default=None, help="crop segments to this many frames")
-    parser.add_argument("--shuffle-buffer", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--export", default=None, help="save_pretrained destination for the final model")
-    parser.add_argument("--export-best", action="store_true", help="export the best checkpoint, not the last")
-    parser.add_argument("--skip-codec-check", action="store_true")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    from audiogen.training import TrainingConfig
+    from pipelines.train import TrainOptions
+
+    parser.add_argument("data", help=_help(TrainOptions, "data"))
+    add_options(parser, TrainOptions, exclude=("data", "training"))
+    # TrainingConfig's fields, except those TrainOptions sets itself; warmup's default depends on --max-steps
+    add_options(parser.add_argument_group("optimisation"), TrainingConfig, exclude=("max_steps", "seed"),
+                defaults={"warmup_steps": None})
 
 
 @command("train", _train_arguments)
 def run_train_command(args: argparse.Namespace) -> int:
     """Train an LM from scratch or fine-tune one on encoded data with Ray Train (DDP/FSDP, checkpoints)."""
+    from dataclasses import fields
+
+    from audiogen.training import TrainingConfig
     from pipelines.train import TrainOptions, run_train
 
+    training = {f.name: getattr(args, f.name) for f in fields(TrainingConfig)
+                if f.name not in ("max_steps", "seed") and getattr(args, f.name) is not None}
     try:
-        overrides = {}
-        for pair in args.override:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"--override {pair!r} is not KEY=VALUE")
-            try:
-                overrides[key] = json.loads(value)
-            except json.JSONDecodeError:
-                overrides[key] = value
-        training = {"lr": args.lr, "schedule": args.schedule, "min_lr_ratio": args.min_lr_ratio,
-                    "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "grad_accum": args.grad_accum,
-                    "cfg_dropout": args.cfg_dropout, "cfg_dropout_mode": args.cfg_dropout_mode,
-                    "loss_weighting": args.loss_weighting, "precision": args.precision,
-                    "warmup_steps": args.warmup_steps if args.warmup_steps is not None
-                    else min(3000, args.max_steps // 10)}
-        summary = run_train(TrainOptions(
-            data=args.data, storage=args.storage, name=args.name, preset=args.preset, init=args.init,
-            base=args.base, overrides=overrides, training=training, workers=args.workers,
-            use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, strategy=args.strategy,
-            batch_size=args.batch_size, max_steps=args.max_steps, log_every=args.log_every,
-            eval_every=args.eval_every, max_val_batches=args.max_val_batches, keep=args.keep,
-            max_failures=args.max_failures, val_fraction=args.val_fraction, val_data=args.val_data,
-            max_frames=args.max_frames, shuffle_buffer=args.shuffle_buffer, seed=args.seed, export=args.export,
-            export_best=args.export_best, skip_codec_check=args.skip_codec_check,
-            storage_options=_storage_options(args.storage_option)))
+        summary = run_train(from_args(TrainOptions, args, data=args.data, training=training))
     except (ValueError, FileNotFoundError) as error:
         print(f"audiogen train: error: {error}", file=sys.stderr)
         return 2
     summary.pop("history", None)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _help(cls: type, name: str) -> str:
+    """The help text a field of an options dataclass carries (for positional arguments declared by hand)."""
+    from dataclasses import fields
+
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,38 +13,47 @@ from audiogen.sampling_params import SamplingParams
 @dataclass
 class JobOptions:
     input: str
+    output: str
     workers: int = field(default=2, metadata={"help": "how many"})
     rate: float | None = None
     fast: bool = False
     mode: str = field(default="a", metadata={"choices": ("a", "b")})
     storage_options: dict[str, object] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
+    betas: tuple[float, float] = (0.9, 0.95)
 
 
 def parse(argv: list[str]) -> JobOptions:
     parser = argparse.ArgumentParser()
     parser.add_argument("input")
     add_options(parser, JobOptions, exclude=("input",))
-    args = parser.parse_args(argv)
+    args = parser.parse_args([*argv, "--output", "out"] if "--output" not in argv else argv)
     return from_args(JobOptions, args, input=args.input)
 
 
 def test_defaults_come_from_the_dataclass():
-    assert parse(["in.parquet"]) == JobOptions(input="in.parquet")
+    assert parse(["in.parquet"]) == JobOptions(input="in.parquet", output="out")
 
 
 def test_every_field_kind_parses():
-    options = parse(["x", "--workers", "4", "--rate", "0.5", "--fast", "--mode", "b", "--storage-options",
-                     "anon=true", "--storage-options", "endpoint_url=http://h:1", "--tags", "p", "--tags", "q"])
-    assert options == JobOptions(input="x", workers=4, rate=0.5, fast=True, mode="b",
-                                 storage_options={"anon": True, "endpoint_url": "http://h:1"}, tags=("p", "q"))
+    options = parse(["x", "--workers", "4", "--rate", "0.5", "--fast", "--mode", "b", "--storage-option",
+                     "anon=true", "--storage-option", "endpoint_url=http://h:1", "--storage-option", "retries=3",
+                     "--tag", "p", "--tag", "q", "--betas", "0.8", "0.99"])
+    assert options == JobOptions(input="x", output="out", workers=4, rate=0.5, fast=True, mode="b",
+                                 storage_options={"anon": True, "endpoint_url": "http://h:1", "retries": 3},
+                                 tags=("p", "q"), betas=(0.8, 0.99))
 
 
 def test_bad_values_are_refused_by_the_parser(capsys):
-    for argv in (["x", "--workers", "many"], ["x", "--mode", "c"], ["x", "--storage-options", "novalue"]):
+    for argv in (["x", "--workers", "many"], ["x", "--mode", "c"], ["x", "--storage-option", "novalue"]):
         with pytest.raises(SystemExit):
             parse(argv)
     assert "invalid choice" in capsys.readouterr().err
+    parser = argparse.ArgumentParser()
+    add_options(parser, JobOptions)
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # input and output have no default: required
+    assert "--input" in capsys.readouterr().err
 
 
 def test_sampling_flags_build_validated_sampling_params():
