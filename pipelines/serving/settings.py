@@ -37,7 +37,7 @@ class AppSettings:
         "help": "torch or onnx (default: onnx for a directory written by `audiogen export-onnx`)",
         "choices": ["torch", "onnx"]})
     max_batch_slots: int = field(default=8, metadata={"help": "requests decoded together by each engine"})
-    queue_per_engine: int = field(default=16, metadata={
+    queue_per_engine: int = field(default=8, metadata={
         "help": "requests waiting for a slot in each engine; beyond it: 503 + Retry-After"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decoding step (GPU)"})
     cpu_threads: int | None = field(default=None, metadata={
@@ -91,7 +91,7 @@ class LaunchOptions:
     port: int = field(default=8000, metadata={"help": "HTTP port"})
     replicas: int | None = field(default=None, metadata={
         "help": "fixed engine replica count (default: autoscaling between the config's min and max)"})
-    max_ongoing_requests: int = field(default=24, metadata={
+    max_ongoing_requests: int = field(default=16, metadata={
         "help": "requests an engine replica holds (Serve's bound; ~ slots + engine queue)"})
     max_queued_requests: int = field(default=8, metadata={
         "help": "requests waiting for an engine replica at each caller (Serve's bound); beyond it: 503"})
