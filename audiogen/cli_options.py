@@ -8,7 +8,7 @@ default changed in the dataclass is the CLI's default too: nothing to keep in sy
 Supported field types: str, int, float (optionally `| None`), bool (`--x/--no-x`), `dict[str, ...]`
 (repeatable `--x KEY=VALUE`, values read as JSON when they parse: `dim=256`, `anon=true`), `list[str]` /
 `tuple[str, ...]` (repeatable `--x VALUE`) and fixed tuples such as `tuple[float, float]` (`--x A B`). Repeatable
-options take the singular flag (`storage_options` -> `--storage-option KEY=VALUE`). A field without a default is
+options take the singular flag (`storage_options` -> `--storage-option KEY=VALUE`) unless another field has that name.
 a required flag. Any other type must be excluded by the caller, which then declares that option itself.
 """
 
@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def flag_name(field: str, repeatable: bool = False) -> str:
-    name = field[:-1] if repeatable and field.endswith("s") else field
+def flag_name(field: str, repeatable: bool = False, taken: tuple[str, ...] = ()) -> str:
+    """`--field-name`; repeatable options take the singular (`--storage-option`) unless another field has it."""
+    name = field[:-1] if repeatable and field.endswith("s") and field[:-1] not in taken else field
     return "--" + name.replace("_", "-")
 
 
@@ -34,6 +35,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
     """Add one flag per init field of dataclass `cls` (except `exclude`); `defaults` overrides field defaults."""
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
+    names = tuple(field.name for field in dataclasses.fields(cls))
     for field in dataclasses.fields(cls):
         if field.name in exclude or not field.init:
             continue
@@ -56,11 +58,11 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
                                 metavar=field.name.upper(), **common)
         elif origin is dict:
             common["help"] += " (repeatable)"
-            parser.add_argument(flag_name(field.name, True), action="append", default=None, metavar="KEY=VALUE",
+            parser.add_argument(flag_name(field.name, True, names), action="append", default=None, metavar="KEY=VALUE",
                                 type=_key_value, **common)
         elif origin in (list, tuple):
             common["help"] += " (repeatable)"
-            parser.add_argument(flag_name(field.name, True), action="append", default=None, **common)
+            parser.add_argument(flag_name(field.name, True, names), action="append", default=None, **common)
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: type {kind} has no command-line form; exclude it and "
                             f"declare the option by hand")

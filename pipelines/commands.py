@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from audiogen.cli import add_model_arguments, command
+from audiogen.cli import command
 from audiogen.cli_options import add_options, from_args
 from audiogen.errors import InvalidRequestError
 
@@ -173,35 +173,41 @@ def _help(cls: type, name: str) -> str:
     return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
 
 
+class _UnsetFlagsAbsent:
+    """What `add_options` adds flags to: the parser, except that a flag left unset stays off the namespace (its
+    help still shows the dataclass default), so that the config file's value applies to it."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+    def add_argument(self, *names: str, **options: object) -> argparse.Action:
+        action = self.parser.add_argument(*names, **options)
+        action.default = argparse.SUPPRESS
+        return action
+
+
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="Serve config file (default: ./serve_config.yaml if present); the flags below override it")
-    parser.add_argument("--host", default=None, help="listen address (default: the config's, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
-    parser.add_argument("--max-batch-slots", type=int, default=None, help="requests decoded together per replica")
-    parser.add_argument("--max-queued-requests", type=int, default=None, help="engine queue per replica (then 503)")
-    parser.add_argument("--max-ongoing-requests", type=int, default=None, help="Serve's per-replica limit")
-    parser.add_argument("--replicas", type=int, default=None, help="fixed replica count (replaces autoscaling)")
-    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per replica")
-    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica")
-    parser.add_argument("--request-timeout", type=float, default=None, help="seconds per request (then 504)")
-    add_model_arguments(parser)
+    from pipelines.serving.settings import AppSettings, LaunchOptions
+
+    parser.add_argument("--config", default=None, help="Serve config file (default: ./serve_config.yaml if present, "
+                                                       "else the same defaults built in); the flags below override it")
+    for options in (LaunchOptions, AppSettings):
+        add_options(_UnsetFlagsAbsent(parser), options)  # type: ignore[arg-type]
 
 
 @command("serve", _serve_arguments)
 def run_serve(args: argparse.Namespace) -> int:
     """Serve the HTTP API on Ray Serve (blocks until Ctrl-C)."""
-    from pipelines.serve import run_local
+    from pipelines.serving.app import ServeConfig, run_local
+    from pipelines.serving.settings import AppSettings, LaunchOptions
 
-    config = args.config or ("serve_config.yaml" if Path("serve_config.yaml").is_file() else None)
-    app_args = {"model_path": args.model, "text_encoder": args.text_encoder, "device": args.device,
-                "dtype": args.dtype, "backend": args.backend, "max_batch_slots": args.max_batch_slots,
-                "max_queued_requests": args.max_queued_requests, "request_timeout_s": args.request_timeout}
-    actor = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
-    options = {"max_ongoing_requests": args.max_ongoing_requests, "num_replicas": args.replicas,
-               "ray_actor_options": {k: v for k, v in actor.items() if v is not None} or None}
-    http = {"host": args.host or (None if config else "127.0.0.1"), "port": args.port}
-    run_local(config, args={k: v for k, v in app_args.items() if v is not None},
-              deployment_options={k: v for k, v in options.items() if v is not None},
-              http_options={k: v for k, v in http.items() if v is not None})
+    path = args.config or ("serve_config.yaml" if Path("serve_config.yaml").is_file() else None)
+    config = ServeConfig.read(path) if path else ServeConfig()
+
+    def unless_given(values: dict[str, object]) -> dict[str, object]:
+        return {key: value for key, value in values.items() if not hasattr(args, key)}
+
+    settings = from_args(AppSettings, args, **unless_given(AppSettings.from_args(config.args).as_args()))
+    launch = from_args(LaunchOptions, args, **unless_given(config.launch_options()))
+    run_local(config.with_options(settings, launch))
     return 0
