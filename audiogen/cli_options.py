@@ -9,7 +9,8 @@ Supported field types: str, int, float (optionally `| None`), bool (`--x/--no-x`
 (repeatable `--x KEY=VALUE`, values read as JSON when they parse: `dim=256`, `anon=true`), `list[str]` /
 `tuple[str, ...]` (repeatable `--x VALUE`) and fixed tuples such as `tuple[float, float]` (`--x A B`). Repeatable
 options take the singular flag (`storage_options` -> `--storage-option KEY=VALUE`) unless another field has that name.
-A field without a default is a required flag. Any other type must be excluded by the caller, which then declares that option itself.
+A field without a default is a required flag. Any other type must be excluded by the caller, which then
+declares that option itself.
 """
 
 from __future__ import annotations
