@@ -71,7 +71,8 @@ def ray_local():
     """One local Ray instance for the whole session, sized like CI (2 CPUs, no dashboard)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": always a fresh instance of our own, never a cluster another process left registered
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
