@@ -12,7 +12,8 @@ tensors in and out, the way a runtime without PyTorch has to drive it:
   (`LanguageModel.prefill`) with a dummy one-position past that is masked out;
 - `AudioDecoderGraph`: codes -> waveform (dequantize + SEANet decoder of EnCodec, stereo de-interleaving).
 
-The step graph is `LanguageModel.run`, the one layer loop of the PyTorch backend; the wrapper only adapts
+None of them re-implements the model: the step graph is `LanguageModel.run`, the one layer loop of the PyTorch
+backend, and the decoder graph is `Codec.synthesize`, the codec's own decode path; the wrappers only adapt
 explicit tensors in and out. The step graph swaps the attention op for `_attend` (explicit masked softmax):
 `scaled_dot_product_attention` also exports at opset 17, but its decomposition adds q/k rescaling and a NaN
 guard to every attention, which made the tiny step graph ~1.8x slower in onnxruntime. So logits agree with the
@@ -24,9 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
 
 from audiogen.codec import Codec
 from audiogen.errors import CheckpointError
@@ -90,55 +89,18 @@ class StepGraph(nn.Module):
 
 
 class AudioDecoderGraph(nn.Module):
-    """codes [B, K, T] int64 -> audio [B, channels, T * hop] float32 (a plain EnCodec decode of exactly T frames,
-    which `Codec.decode`'s bucket padding reproduces; channels interleaved as [L0, R0, L1, R1, ...])."""
+    """codes [B, K, T] int64 -> audio [B, channels, T * hop] float32: `Codec.synthesize` of exactly T frames for
+    every clip and channel at once (what `Codec.decode`'s buckets reproduce), channels as `Codec.mono_codes`
+    de-interleaves them."""
 
     def __init__(self, codec: Codec) -> None:
         super().__init__()
+        if codec.model.config.pad_mode != "constant":
+            raise CheckpointError(f"ONNX export supports zero-padded EnCodec decoders, this one pads with "
+                                  f"{codec.model.config.pad_mode!r} (its short-input special case depends on the "
+                                  f"length, which a trace would freeze)")
         self.codec = codec
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        codec = self.codec
-        batch, frames = codes.shape[0], codes.shape[2]
-        mono = codes.reshape(batch, codec.n_q, codec.channels, frames).transpose(1, 2).reshape(-1, codec.n_q, frames)
-        hidden = codec._dequantize(mono)
-        for layer in codec.model.decoder.layers:
-            hidden = _decoder_layer(layer, hidden)
-        return hidden.reshape(batch, codec.channels, -1)
-
-
-def _decoder_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """EnCodec's decoder layers with their length-dependent padding written as constants.
-
-    The decoder's convolutions all have stride 1, so transformers' extra "ideal length" padding is always zero;
-    written out, the traced graph has no shape arithmetic and takes any number of frames.
-    """
-    if isinstance(layer, EncodecConv1d):
-        return _conv1d(layer, hidden)
-    if isinstance(layer, EncodecConvTranspose1d):
-        kernel, stride = layer.conv.kernel_size[0], layer.conv.stride[0]
-        total = kernel - stride
-        right = math.ceil(total * layer.trim_right_ratio) if layer.causal else total // 2
-        left = total - right
-        out = layer.conv(hidden)
-        if layer.norm_type == "time_group_norm":
-            out = layer.norm(out)
-        return out[..., left:out.shape[-1] - right] if right else out[..., left:]
-    if hasattr(layer, "block") and hasattr(layer, "shortcut"):  # EncodecResnetBlock
-        residual = hidden
-        for inner in layer.block:
-            hidden = _decoder_layer(inner, hidden)
-        return _decoder_layer(layer.shortcut, residual) + hidden
-    return layer(hidden)
-
-
-def _conv1d(layer: EncodecConv1d, hidden: torch.Tensor) -> torch.Tensor:
-    if layer.pad_mode != "constant":
-        raise CheckpointError(f"ONNX export supports zero-padded EnCodec decoders, this one pads with "
-                              f"{layer.pad_mode!r} (its short-input special case depends on the length)")
-    if layer.conv.stride[0] != 1:
-        raise CheckpointError("ONNX export expects stride-1 convolutions in the EnCodec decoder")
-    total = int(layer.padding_total)
-    right = 0 if layer.causal else total // 2
-    out = layer.conv(F.pad(hidden, (total - right, right)))
-    return layer.norm(out) if layer.norm_type == "time_group_norm" else out
+        audio = self.codec.synthesize(self.codec.mono_codes(codes))
+        return audio.reshape(codes.shape[0], self.codec.channels, -1)
