@@ -4,8 +4,8 @@ Pre-norm layers of causal self-attention, cross-attention to the projected text 
 the sum of one embedding per codebook plus sinusoidal positions; one output head per codebook.
 
 One layer function (`TransformerLayer.forward`) and one loop over the layers (`LanguageModel.run`) serve every
-use; the uses differ only in the positions, the self-attention mask and how a layer's new keys/values join the
-ones it attends to (`Past`):
+use; the uses differ only in the positions, the self-attention mask and the `Past`, which receives each layer's
+new keys/values and returns the ones they attend to:
 - `forward`: the whole sequence at once from position 0 (training, teacher-forced scoring), causal, no past;
 - `prefill`: the same over a known prefix, also writing its keys/values into rows of a `KVCache`;
 - `step`: one new position for each active cache row, each row at its own position (continuous batching),
@@ -28,8 +28,9 @@ from torch import nn
 from audiogen.config import AudioGenConfig
 from audiogen.kv_cache import KVCache
 
-# (layer index, new keys, new values [B, H, S, hd]) -> the keys/values the new positions attend to: a cache
-# stores the new ones and returns its view of the attended positions, an explicit past is concatenated with them.
+# (layer index, new keys, new values [B, H, S, hd]) -> the keys/values the new positions attend to. A cache
+# stores the new ones and returns its view of the attended positions; the ONNX step graph collects them as outputs
+# and concatenates them after its explicit past.
 Past = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 LayerPast = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # `Past` of one layer
 # (queries, keys, values, boolean mask or None for causal from position 0) -> attention output.
@@ -118,11 +119,11 @@ class SelfAttention(nn.Module):
         self.out_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: LayerPast | None,
-                attend: Attend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, S, dim] -> (output [B, S, dim], the new positions' keys and values [B, H, S, hd])."""
+                attend: Attend) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim]; the new positions' keys/values [B, H, S, hd] go to `past`."""
         q, k, v = split_heads(self.in_proj(x), 3, self.num_heads)
         keys, values = past(k, v) if past is not None else (k, v)
-        return self.out_proj(merge_heads(attend(q, keys, values, mask))), k, v
+        return self.out_proj(merge_heads(attend(q, keys, values, mask)))
 
 
 class CrossAttention(nn.Module):
@@ -171,17 +172,16 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, self_mask: torch.Tensor | None, past: LayerPast | None,
                 text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor, gate: torch.Tensor,
-                attend: Attend = sdpa) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hidden states [B, S, dim] of new positions -> (new hidden states, their keys and values [B, H, S, hd]).
+                attend: Attend = sdpa) -> torch.Tensor:
+        """Hidden states [B, S, dim] of new positions -> their new hidden states.
 
-        self_mask: keys visible to each new position (None: causal from position 0); past: joins the new
-        keys/values with the ones attended to (None: only the new ones); text_kv, text_mask, gate: this layer's
-        cross-attention keys/values and `text_attention_mask`.
+        self_mask: keys visible to each new position (None: causal from position 0); past: receives the new
+        positions' keys/values [B, H, S, hd] and returns the ones attended to (None: only the new ones); text_kv,
+        text_mask, gate: this layer's cross-attention keys/values and `text_attention_mask`.
         """
-        out, k, v = self.self_attn(self.self_attn_norm(x), self_mask, past, attend)
-        x = x + out
+        x = x + self.self_attn(self.self_attn_norm(x), self_mask, past, attend)
         x = x + self.cross_attn(self.cross_attn_norm(x), text_kv, text_mask, gate, attend)
-        return x + self.ffn(self.ffn_norm(x)), k, v
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class LanguageModel(nn.Module):
@@ -224,24 +224,20 @@ class LanguageModel(nn.Module):
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, self_mask: torch.Tensor | None, past: Past | None,
             text_kv: TextKV, text_mask: torch.Tensor,
-            attend: Attend = sdpa) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """The one pass over the layers: tokens [B, K, S] at positions [B, S] (or [S]) -> (hidden [B, S, dim],
-        per layer the new positions' keys and values [B, H, S, hd]); see the module docstring for the uses."""
+            attend: Attend = sdpa) -> torch.Tensor:
+        """The one pass over the layers: tokens [B, K, S] at positions [B, S] (or [S]) -> hidden [B, S, dim]
+        (see the module docstring for the uses)."""
         x = self.embed(tokens, positions)
         mask, gate = text_attention_mask(text_mask)
-        keys, values = [], []
         for index, layer in enumerate(self.layers):
-            x, k, v = layer(x, self_mask, None if past is None else partial(past, index), text_kv[index], mask, gate,
-                            attend)
-            keys.append(k)
-            values.append(v)
-        return x, keys, values
+            x = layer(x, self_mask, None if past is None else partial(past, index), text_kv[index], mask, gate, attend)
+        return x
 
     # ------------------------------------------------------------------ whole sequences
     def forward(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, K, S, card] for tokens [B, K, S] starting at position 0."""
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
-        return self.logits(self.run(tokens, positions, None, None, self.project_text(text), text_mask)[0])
+        return self.logits(self.run(tokens, positions, None, None, self.project_text(text), text_mask))
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, rows: slice) -> None:
         """Run a known prefix (positions 0..S-1) for cache rows `rows`, whose text K/V are already stored,
@@ -260,9 +256,9 @@ class LanguageModel(nn.Module):
         """
         self_mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         rows = slice(0, num_rows)
-        hidden, _, _ = self.run(tokens[:, :, None], positions[:, None], self_mask,
-                                lambda layer, k, v: cache.write_step(layer, positions, k, v, length),
-                                cache.text_kv(rows), cache.text_mask[rows])
+        hidden = self.run(tokens[:, :, None], positions[:, None], self_mask,
+                          lambda layer, k, v: cache.write_step(layer, positions, k, v, length), cache.text_kv(rows),
+                          cache.text_mask[rows])
         return self.logits(hidden)[:, :, 0]
 
     def compile_step(self) -> None:

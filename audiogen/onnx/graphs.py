@@ -16,8 +16,8 @@ None of them re-implements the model: the step graph is `LanguageModel.run`, the
 backend, and the decoder graph is `Codec.synthesize`, the codec's own decode path; the wrappers only adapt
 explicit tensors in and out. The step graph swaps the attention op for `_attend` (explicit masked softmax):
 `scaled_dot_product_attention` also exports at opset 17, but its decomposition adds q/k rescaling and a NaN
-guard to every attention, which made the tiny step graph ~1.8x slower in onnxruntime. So logits agree with the
-PyTorch backend to float32 rounding.
+guard to every attention, which made the tiny step graph 15-30% slower in onnxruntime (2-32 rows). Logits
+agree with the PyTorch backend to float32 rounding.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class TextEncoderGraph(nn.Module):
 
 class StepGraph(nn.Module):
     """One call of the LM over S new positions per row (see the module docstring): `LanguageModel.run` with the
-    past as explicit tensors, the new keys/values concatenated after it.
+    past as explicit tensors, each layer's new keys/values collected as outputs and concatenated after it.
 
     tokens [R, K, S] int64, positions [R, S] int64 (each row's new positions, consecutive; past keys j are
     visible to a row iff j < positions[r, 0]), past_keys/past_values [layers, R, heads, T, head_dim],
@@ -80,12 +80,16 @@ class StepGraph(nn.Module):
         new_visible = positions[:, None, :] <= positions[:, :, None]
         mask = torch.cat([past_visible.expand(-1, positions.shape[1], -1), new_visible], dim=2)[:, None]
 
+        new_keys, new_values = [], []
+
         def past(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            new_keys.append(k)
+            new_values.append(v)
             return torch.cat([past_keys[layer], k], dim=2), torch.cat([past_values[layer], v], dim=2)
 
         cross = [(cross_keys[layer], cross_values[layer]) for layer in range(len(self.lm.layers))]
-        hidden, keys, values = self.lm.run(tokens, positions, mask, past, cross, cross_mask, attend=_attend)
-        return self.lm.logits(hidden[:, -1:])[:, :, 0], torch.stack(keys), torch.stack(values)
+        hidden = self.lm.run(tokens, positions, mask, past, cross, cross_mask, attend=_attend)
+        return self.lm.logits(hidden[:, -1:])[:, :, 0], torch.stack(new_keys), torch.stack(new_values)
 
 
 class AudioDecoderGraph(nn.Module):
