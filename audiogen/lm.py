@@ -143,6 +143,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 gate: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim], attending to this layer's text keys/values [B, H, L, hd]."""
         q = split_heads(self.q_proj(x), 1, self.num_heads)[0]
         out = merge_heads(attend(q, text_kv[0], text_kv[1], mask))
         return self.out_proj(out * gate.to(out.dtype))
@@ -223,8 +224,7 @@ class LanguageModel(nn.Module):
         return [layer.cross_attn.project(text) for layer in self.layers]
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, self_mask: torch.Tensor | None, past: Past | None,
-            text_kv: TextKV, text_mask: torch.Tensor,
-            attend: Attend = sdpa) -> torch.Tensor:
+            text_kv: TextKV, text_mask: torch.Tensor, attend: Attend = sdpa) -> torch.Tensor:
         """The one pass over the layers: tokens [B, K, S] at positions [B, S] (or [S]) -> hidden [B, S, dim]
         (see the module docstring for the uses)."""
         x = self.embed(tokens, positions)
