@@ -61,15 +61,15 @@ class KVCache:
     def text_kv(self, rows: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.text_keys[layer, rows], self.text_values[layer, rows]) for layer in range(self.keys.shape[0])]
 
-    def text_kv_layer(self, layer: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.text_keys[layer, :num_rows], self.text_values[layer, :num_rows]
-
     # ------------------------------------------------------------------ self-attention
-    def write_prefix(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keys/values [B, H, P, hd] of positions 0..P-1 for `rows` (prefill)."""
+    def write_prefix(self, layer: int, rows: slice, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values [B, H, P, hd] of positions 0..P-1 for `rows` (prefill) and return them: what the
+        prefix attends to, as `write_step` returns what a step attends to (both serve as `lm.Past`)."""
         length = k.shape[2]
         self.keys[layer, rows, :, :length] = k
         self.values[layer, rows, :, :length] = v
+        return k, v
 
     def write_step(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,16 +3,23 @@
 Pre-norm layers of causal self-attention, cross-attention to the projected text and a GELU feed-forward, over
 the sum of one embedding per codebook plus sinusoidal positions; one output head per codebook.
 
-Three entry points share the same layer code:
-- `forward`: the whole sequence at once (training, teacher-forced scoring);
+One layer function (`TransformerLayer.forward`) and one loop over the layers (`LanguageModel.run`) serve every
+use; the uses differ only in the positions, the self-attention mask and the `Past`, which receives each layer's
+new keys/values and returns the ones they attend to:
+- `forward`: the whole sequence at once from position 0 (training, teacher-forced scoring), causal, no past;
 - `prefill`: the same over a known prefix, also writing its keys/values into rows of a `KVCache`;
-- `step`: one new position for each active cache row, each row at its own position (continuous batching).
+- `step`: one new position for each active cache row, each row at its own position (continuous batching),
+  attending to the row's cached positions;
+- `audiogen.onnx.graphs.StepGraph`: new positions over explicit past key/value tensors, traced into ONNX (it
+  also swaps the attention op, the only other variation point, for one that traces to plain ONNX operators).
 Cross-attention keys/values are computed once per request (`project_text`) and reused by every step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +27,15 @@ from torch import nn
 
 from audiogen.config import AudioGenConfig
 from audiogen.kv_cache import KVCache
+
+# (layer index, new keys, new values [B, H, S, hd]) -> the keys/values the new positions attend to. A cache
+# stores the new ones and returns its view of the attended positions; the ONNX step graph collects them as outputs
+# and concatenates them after its explicit past.
+Past = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LayerPast = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # `Past` of one layer
+# (queries, keys, values, boolean mask or None for causal from position 0) -> attention output.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+TextKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 def sinusoidal_table(num_positions: int, dim: int, max_period: float) -> torch.Tensor:
@@ -33,16 +49,34 @@ def sinusoidal_table(num_positions: int, dim: int, max_period: float) -> torch.T
 
 
 def text_attention_mask(text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key mask and output gate for cross-attention.
+    """Key mask [B, 1, 1, L] and output gate [B, 1, 1] for cross-attention.
 
     A row whose text is the null condition (empty prompt, CFG's unconditional branch) must contribute exactly
     zero, as in audiocraft (its projected text is all zeros) and transformers (fully masked). A fully masked
-    softmax would be NaN, so such rows keep key 0 visible and are gated to zero instead.
+    softmax would be NaN, so such rows keep key 0 visible and are gated to zero instead. Written without
+    in-place indexing, so that it traces into ONNX as it runs in PyTorch.
     """
-    has_text = text_mask.any(dim=-1)
-    keys = text_mask.clone()
-    keys[:, 0] |= ~has_text
-    return keys[:, None, None, :], has_text.to(torch.float32)[:, None, None]
+    has_text = text_mask.any(dim=-1, keepdim=True)
+    keys = text_mask | F.pad(~has_text, (0, text_mask.shape[-1] - 1))
+    return keys[:, None, None, :], has_text.to(torch.float32)[:, :, None]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`scaled_dot_product_attention` with a boolean key mask, or causal from position 0 when `mask` is None
+    (its fused causal kernel, which never materialises the mask)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def split_heads(x: torch.Tensor, parts: int, num_heads: int) -> torch.Tensor:
+    """[B, S, parts * dim] -> a view [parts, B, H, S, head_dim] (fused projections: q/k/v, k/v, or q alone)."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, parts, num_heads, -1).permute(2, 0, 3, 1, 4)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, head_dim] -> [B, S, H * head_dim]."""
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1)
 
 
 # `Linear`'s CPU inference path: at most this many rows (measured faster up to 64; larger products, as in prefill
@@ -76,38 +110,20 @@ class Linear(nn.Linear):
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention with one fused q/k/v projection (audiocraft's `in_proj_weight`)."""
+    """Multi-head self-attention with one fused q/k/v projection (audiocraft's `in_proj_weight`)."""
 
     def __init__(self, config: AudioGenConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
         self.in_proj = Linear(config.dim, 3 * config.dim, bias=config.bias_attn)
         self.out_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch, length, _ = x.shape
-        qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return q, k, v
-
-    def _merge(self, out: torch.Tensor) -> torch.Tensor:
-        batch, _, length, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rows: slice | None = None) -> torch.Tensor:
-        """Whole-sequence causal attention from position 0; optionally stores k/v into cache rows."""
-        q, k, v = self._split(x)
-        if cache is not None:
-            cache.write_prefix(layer, rows, k, v)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-    def step(self, x: torch.Tensor, cache: KVCache, layer: int, positions: torch.Tensor, mask: torch.Tensor,
-             length: int) -> torch.Tensor:
-        """One position per row: write its k/v at the row's own position, attend to positions 0..pos."""
-        q, k, v = self._split(x)
-        keys, values = cache.write_step(layer, positions, k, v, length)
-        return self._merge(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: LayerPast | None,
+                attend: Attend) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim]; the new positions' keys/values [B, H, S, hd] go to `past`."""
+        q, k, v = split_heads(self.in_proj(x), 3, self.num_heads)
+        keys, values = past(k, v) if past is not None else (k, v)
+        return self.out_proj(merge_heads(attend(q, keys, values, mask)))
 
 
 class CrossAttention(nn.Module):
@@ -116,24 +132,21 @@ class CrossAttention(nn.Module):
     def __init__(self, config: AudioGenConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
         self.q_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
         self.kv_proj = Linear(config.dim, 2 * config.dim, bias=config.bias_attn)
         self.out_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
 
     def project(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, length, _ = text.shape
-        kv = self.kv_proj(text).view(batch, length, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        """Projected text [B, L, dim] -> keys, values [B, H, L, hd]."""
+        k, v = split_heads(self.kv_proj(text), 2, self.num_heads)
         return k, v
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                gate: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(batch, length, -1) * gate.to(out.dtype)
-        return self.out_proj(out)
+    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                gate: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim], attending to this layer's text keys/values [B, H, L, hd]."""
+        q = split_heads(self.q_proj(x), 1, self.num_heads)[0]
+        out = merge_heads(attend(q, text_kv[0], text_kv[1], mask))
+        return self.out_proj(out * gate.to(out.dtype))
 
 
 class FeedForward(nn.Module):
@@ -158,9 +171,17 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def _rest(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-              gate: torch.Tensor) -> torch.Tensor:
-        x = x + self.cross_attn(self.cross_attn_norm(x), text_kv[0], text_kv[1], mask, gate)
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor | None, past: LayerPast | None,
+                text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor, gate: torch.Tensor,
+                attend: Attend = sdpa) -> torch.Tensor:
+        """Hidden states [B, S, dim] of new positions -> their new hidden states.
+
+        self_mask: keys visible to each new position (None: causal from position 0); past: receives the new
+        positions' keys/values [B, H, S, hd] and returns the ones attended to (None: only the new ones); text_kv,
+        text_mask, gate: this layer's cross-attention keys/values and `text_attention_mask`.
+        """
+        x = x + self.self_attn(self.self_attn_norm(x), self_mask, past, attend)
+        x = x + self.cross_attn(self.cross_attn_norm(x), text_kv, text_mask, gate, attend)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -202,29 +223,28 @@ class LanguageModel(nn.Module):
         """Per-layer cross-attention keys/values [B, H, L, hd] for projected text [B, L, dim]."""
         return [layer.cross_attn.project(text) for layer in self.layers]
 
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, self_mask: torch.Tensor | None, past: Past | None,
+            text_kv: TextKV, text_mask: torch.Tensor, attend: Attend = sdpa) -> torch.Tensor:
+        """The one pass over the layers: tokens [B, K, S] at positions [B, S] (or [S]) -> hidden [B, S, dim]
+        (see the module docstring for the uses)."""
+        x = self.embed(tokens, positions)
+        mask, gate = text_attention_mask(text_mask)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, self_mask, None if past is None else partial(past, index), text_kv[index], mask, gate, attend)
+        return x
+
     # ------------------------------------------------------------------ whole sequences
     def forward(self, tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, K, S, card] for tokens [B, K, S] starting at position 0."""
-        return self._sequence(tokens, self.project_text(text), text_mask)
+        positions = torch.arange(tokens.shape[-1], device=tokens.device)
+        return self.logits(self.run(tokens, positions, None, None, self.project_text(text), text_mask))
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, rows: slice) -> None:
         """Run a known prefix (positions 0..S-1) for cache rows `rows`, whose text K/V are already stored,
         only to write their self-attention keys/values: the next `step` continues at position S."""
-        self._hidden(tokens, cache.text_kv(rows), cache.text_mask[rows], cache=cache, rows=rows)
-
-    def _sequence(self, tokens: torch.Tensor, text_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                  text_mask: torch.Tensor) -> torch.Tensor:
-        return self.logits(self._hidden(tokens, text_kv, text_mask))
-
-    def _hidden(self, tokens: torch.Tensor, text_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                text_mask: torch.Tensor, cache: KVCache | None = None, rows: slice | None = None) -> torch.Tensor:
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
-        x = self.embed(tokens, positions)
-        mask, gate = text_attention_mask(text_mask)
-        for index, layer in enumerate(self.layers):
-            x = x + layer.self_attn(layer.self_attn_norm(x), cache, index, rows)
-            x = layer._rest(x, text_kv[index], mask, gate)
-        return x
+        self.run(tokens, positions, None, lambda layer, k, v: cache.write_prefix(layer, rows, k, v),
+                 cache.text_kv(rows), cache.text_mask[rows])
 
     # ------------------------------------------------------------------ one step per row
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_rows: int,
@@ -234,13 +254,12 @@ class LanguageModel(nn.Module):
         tokens [R, K] are the inputs at each row's own position `positions [R]`; rows attend to their cached
         positions 0..pos (`length` = max(pos) + 1 bounds the keys read, so early steps stay cheap).
         """
-        x = self.embed(tokens[:, :, None], positions[:, None])
         self_mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        text_mask, gate = text_attention_mask(cache.text_mask[:num_rows])
-        for index, layer in enumerate(self.layers):
-            x = x + layer.self_attn.step(layer.self_attn_norm(x), cache, index, positions, self_mask, length)
-            x = layer._rest(x, cache.text_kv_layer(index, num_rows), text_mask, gate)
-        return self.logits(x)[:, :, 0]
+        rows = slice(0, num_rows)
+        hidden = self.run(tokens[:, :, None], positions[:, None], self_mask,
+                          lambda layer, k, v: cache.write_step(layer, positions, k, v, length), cache.text_kv(rows),
+                          cache.text_mask[rows])
+        return self.logits(hidden)[:, :, 0]
 
     def compile_step(self) -> None:
         """Compile `step` with `torch.compile` (dynamic shapes: the number of active rows and the attended

@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime")
 from audiogen import (AudioGen, CheckpointError, GenerationRequest,  # noqa: E402
                       MissingCheckpointFileError, SamplingParams)
 from audiogen.cli import main  # noqa: E402
+from audiogen.kv_cache import KVCache  # noqa: E402
 from audiogen.onnx.runtime import REQUIRED_FILES  # noqa: E402
 
 GRAPHS = ("text_encoder.onnx", "lm_step.onnx", "audio_decoder.onnx")
@@ -73,6 +74,30 @@ def test_export_writes_valid_files(onnx_dir, tiny):
 
 def test_greedy_codes_and_audio_match_torch(onnx_model, tiny):
     _assert_same(onnx_model.run(_requests(temperature=0.0, seed=0)), tiny.run(_requests(temperature=0.0, seed=0)))
+
+
+def test_step_graph_gives_the_torch_steps_logits_and_cache(onnx_model, tiny):
+    """lm_step.onnx (traced from `LanguageModel.run`) driven by the ONNX backend's prefill and step: the same
+    logits and cache contents as `LanguageModel.prefill`/`step`, rows at different positions, one null text."""
+    c = tiny.config
+    prompts = ["a dog barking", "rain", "", "wind howling through trees"]
+    tokens = torch.randint(0, c.card + 1, (4, c.num_codebooks, 9), generator=torch.Generator().manual_seed(0))
+    starts = torch.tensor([4, 4, 2, 2])
+    results = []
+    for model in (tiny, onnx_model):
+        cache = KVCache(num_layers=c.num_layers, rows=4, num_heads=c.num_heads, head_dim=c.head_dim,
+                        max_steps=c.max_steps, text_tokens=c.max_text_tokens, device="cpu", dtype=torch.float32)
+        with torch.inference_mode():
+            text, mask = model.text(prompts)
+            cache.store_text(slice(0, 4), model.lm.project_text(text), mask)
+            model.lm.prefill(tokens[:2, :, :4], cache, slice(0, 2))
+            model.lm.prefill(tokens[2:, :, :2], cache, slice(2, 4))
+            positions = [starts + t for t in range(5)]
+            logits = [model.lm.step(tokens[torch.arange(4), :, pos], pos, cache, 4, int(pos.max()) + 1)
+                      for pos in positions]
+        results.append((torch.stack(logits), cache.keys[:, :, :, :9].clone(), cache.values[:, :, :, :9].clone()))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_continuation_and_inpainting_match_torch(onnx_model, tiny):

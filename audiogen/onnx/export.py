@@ -21,8 +21,8 @@ OUT_DIR then holds (the files a runtime without PyTorch loads, as the reference 
 Every batch, length and row axis is dynamic. Graphs are traced with PyTorch's TorchScript-based exporter
 (`torch.onnx.export(..., dynamo=False)`): in torch 2.13 the default `dynamo=True` exporter needs the extra
 `onnxscript` package, while the TorchScript one ships with torch and handles these three graphs' dynamic axes
-(the decoder's length-dependent padding is written as constants in `graphs.py`, so nothing shape-dependent is
-frozen at trace time). Every file is checked with `onnx.checker` (path-based, so >2 GB models with external data
+(the step and decoder graphs are traced from the PyTorch model's own code, `LanguageModel.run` and
+`Codec.synthesize`, written so that nothing shape-dependent is frozen at trace time). Every file is checked with `onnx.checker` (path-based, so >2 GB models with external data
 work too) and, unless `verify=False`, run once with onnxruntime against the PyTorch model.
 """
 

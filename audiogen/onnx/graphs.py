@@ -12,8 +12,12 @@ tensors in and out, the way a runtime without PyTorch has to drive it:
   (`LanguageModel.prefill`) with a dummy one-position past that is masked out;
 - `AudioDecoderGraph`: codes -> waveform (dequantize + SEANet decoder of EnCodec, stereo de-interleaving).
 
-The layer code mirrors `audiogen.lm` operation for operation (same sums in the same order, same masks), so
-logits agree with the PyTorch backend to float32 rounding.
+None of them re-implements the model: the step graph is `LanguageModel.run`, the one layer loop of the PyTorch
+backend, and the decoder graph is `Codec.synthesize`, the codec's own decode path; the wrappers only adapt
+explicit tensors in and out. The step graph swaps the attention op for `_attend` (explicit masked softmax):
+`scaled_dot_product_attention` also exports at opset 17, but its decomposition adds q/k rescaling and a NaN
+guard to every attention, which made the tiny step graph 15-30% slower in onnxruntime (2-32 rows). Logits
+agree with the PyTorch backend to float32 rounding.
 """
 
 from __future__ import annotations
@@ -21,9 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
 
 from audiogen.codec import Codec
 from audiogen.errors import CheckpointError
@@ -31,7 +33,7 @@ from audiogen.lm import LanguageModel
 from audiogen.text import TextConditioner
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) where mask else -inf) v; every query has at least one visible key."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -57,7 +59,8 @@ class TextEncoderGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """One call of the LM over S new positions per row (see the module docstring).
+    """One call of the LM over S new positions per row (see the module docstring): `LanguageModel.run` with the
+    past as explicit tensors, each layer's new keys/values collected as outputs and concatenated after it.
 
     tokens [R, K, S] int64, positions [R, S] int64 (each row's new positions, consecutive; past keys j are
     visible to a row iff j < positions[r, 0]), past_keys/past_values [layers, R, heads, T, head_dim],
@@ -68,105 +71,40 @@ class StepGraph(nn.Module):
     def __init__(self, lm: LanguageModel) -> None:
         super().__init__()
         self.lm = lm
-        self.register_buffer("table", lm.positions[: lm.config.max_steps].clone(), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor,
                 past_values: torch.Tensor, cross_keys: torch.Tensor, cross_values: torch.Tensor,
                 cross_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lm = self.lm
-        num_heads, head_dim = lm.config.num_heads, lm.config.head_dim
-        x = lm.embeddings[0](tokens[:, 0])
-        for k in range(1, len(lm.embeddings)):
-            x = x + lm.embeddings[k](tokens[:, k])
-        x = x + self.table[positions].to(x.dtype)
-        rows, steps = positions.shape[0], positions.shape[1]
-
         # Self-attention mask [R, 1, S, T + S]: cached positions before the first new one, then causal.
-        past_pos = torch.arange(past_keys.shape[3], device=positions.device)
-        past_visible = past_pos[None, None, :] < positions[:, :1, None]
+        past_visible = torch.arange(past_keys.shape[3], device=positions.device)[None, None, :] < positions[:, :1, None]
         new_visible = positions[:, None, :] <= positions[:, :, None]
-        self_mask = torch.cat([past_visible.expand(-1, steps, -1), new_visible], dim=2)[:, None]
-        # Cross-attention: a row without text keeps key 0 visible and is gated to zero (`text_attention_mask`).
-        has_text = cross_mask.any(dim=-1)
-        first = torch.arange(cross_mask.shape[1], device=cross_mask.device) == 0
-        text_mask = (cross_mask | (first[None, :] & ~has_text[:, None]))[:, None, None, :]
-        gate = has_text.to(x.dtype)[:, None, None]
+        mask = torch.cat([past_visible.expand(-1, positions.shape[1], -1), new_visible], dim=2)[:, None]
 
         new_keys, new_values = [], []
-        for index, layer in enumerate(lm.layers):
-            attn = layer.self_attn
-            h = layer.self_attn_norm(x)
-            qkv = attn.in_proj(h).view(rows, steps, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
+
+        def past(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             new_keys.append(k)
             new_values.append(v)
-            keys = torch.cat([past_keys[index], k], dim=2)
-            values = torch.cat([past_values[index], v], dim=2)
-            out = _attend(q, keys, values, self_mask)
-            x = x + attn.out_proj(out.transpose(1, 2).reshape(rows, steps, -1))
+            return torch.cat([past_keys[layer], k], dim=2), torch.cat([past_values[layer], v], dim=2)
 
-            cross = layer.cross_attn
-            h = layer.cross_attn_norm(x)
-            q = cross.q_proj(h).view(rows, steps, num_heads, head_dim).transpose(1, 2)
-            out = _attend(q, cross_keys[index], cross_values[index], text_mask)
-            out = out.transpose(1, 2).reshape(rows, steps, -1) * gate
-            x = x + cross.out_proj(out)
-            x = x + layer.ffn(layer.ffn_norm(x))
-
-        logits = lm.logits(x[:, -1:])[:, :, 0]
-        return logits, torch.stack(new_keys), torch.stack(new_values)
+        cross = [(cross_keys[layer], cross_values[layer]) for layer in range(len(self.lm.layers))]
+        hidden = self.lm.run(tokens, positions, mask, past, cross, cross_mask, attend=_attend)
+        return self.lm.logits(hidden[:, -1:])[:, :, 0], torch.stack(new_keys), torch.stack(new_values)
 
 
 class AudioDecoderGraph(nn.Module):
-    """codes [B, K, T] int64 -> audio [B, channels, T * hop] float32 (a plain EnCodec decode of exactly T frames,
-    which `Codec.decode`'s bucket padding reproduces; channels interleaved as [L0, R0, L1, R1, ...])."""
+    """codes [B, K, T] int64 -> audio [B, channels, T * hop] float32: `Codec.synthesize` of exactly T frames for
+    every clip and channel at once (what `Codec.decode`'s buckets reproduce), channels as `Codec.mono_codes`
+    de-interleaves them."""
 
     def __init__(self, codec: Codec) -> None:
         super().__init__()
+        if codec.model.config.pad_mode != "constant":
+            raise CheckpointError(f"ONNX export supports zero-padded EnCodec decoders, this one pads with "
+                                  f"{codec.model.config.pad_mode!r} (its short-input special case depends on the "
+                                  f"length, which a trace would freeze)")
         self.codec = codec
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        codec = self.codec
-        batch, frames = codes.shape[0], codes.shape[2]
-        mono = codes.reshape(batch, codec.n_q, codec.channels, frames).transpose(1, 2).reshape(-1, codec.n_q, frames)
-        hidden = codec._dequantize(mono)
-        for layer in codec.model.decoder.layers:
-            hidden = _decoder_layer(layer, hidden)
-        return hidden.reshape(batch, codec.channels, -1)
-
-
-def _decoder_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """EnCodec's decoder layers with their length-dependent padding written as constants.
-
-    The decoder's convolutions all have stride 1, so transformers' extra "ideal length" padding is always zero;
-    written out, the traced graph has no shape arithmetic and takes any number of frames.
-    """
-    if isinstance(layer, EncodecConv1d):
-        return _conv1d(layer, hidden)
-    if isinstance(layer, EncodecConvTranspose1d):
-        kernel, stride = layer.conv.kernel_size[0], layer.conv.stride[0]
-        total = kernel - stride
-        right = math.ceil(total * layer.trim_right_ratio) if layer.causal else total // 2
-        left = total - right
-        out = layer.conv(hidden)
-        if layer.norm_type == "time_group_norm":
-            out = layer.norm(out)
-        return out[..., left:out.shape[-1] - right] if right else out[..., left:]
-    if hasattr(layer, "block") and hasattr(layer, "shortcut"):  # EncodecResnetBlock
-        residual = hidden
-        for inner in layer.block:
-            hidden = _decoder_layer(inner, hidden)
-        return _decoder_layer(layer.shortcut, residual) + hidden
-    return layer(hidden)
-
-
-def _conv1d(layer: EncodecConv1d, hidden: torch.Tensor) -> torch.Tensor:
-    if layer.pad_mode != "constant":
-        raise CheckpointError(f"ONNX export supports zero-padded EnCodec decoders, this one pads with "
-                              f"{layer.pad_mode!r} (its short-input special case depends on the length)")
-    if layer.conv.stride[0] != 1:
-        raise CheckpointError("ONNX export expects stride-1 convolutions in the EnCodec decoder")
-    total = int(layer.padding_total)
-    right = 0 if layer.causal else total // 2
-    out = layer.conv(F.pad(hidden, (total - right, right)))
-    return layer.norm(out) if layer.norm_type == "time_group_norm" else out
+        audio = self.codec.synthesize(self.codec.mono_codes(codes))
+        return audio.reshape(codes.shape[0], self.codec.channels, -1)
