@@ -261,11 +261,6 @@ class LanguageModel(nn.Module):
                           cache.text_mask[rows])
         return self.logits(hidden)[:, :, 0]
 
-    def compile_step(self) -> None:
-        """Compile `step` with `torch.compile` (dynamic shapes: the number of active rows and the attended
-        length change every step, so static specialisation would recompile constantly)."""
-        self.step = torch.compile(self.step, dynamic=True)  # type: ignore[method-assign]
-
     # ------------------------------------------------------------------ training from scratch
     def reset_parameters(self, seed: int | None = None) -> None:
         """audiocraft's `gaussian` init with `current` depthwise scaling: truncated normal with

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from audiogen import (AudioGen, CheckpointError, GenerationRequest,  # noqa: E402
+from audiogen import (AudioGen, CheckpointError, Engine, GenerationRequest, InvalidConfigError,  # noqa: E402
                       MissingCheckpointFileError, SamplingParams)
 from audiogen.cli import main  # noqa: E402
 from audiogen.kv_cache import KVCache  # noqa: E402
@@ -148,6 +148,8 @@ def test_metadata_and_limits(onnx_model, tiny):
         onnx_model.continue_audio(np.zeros(3200, dtype=np.float32), 16000, extension_seconds=0.5)
     with pytest.raises(ValueError, match="dtype"):
         onnx_model.to(lm_dtype=torch.bfloat16)
+    with pytest.raises(InvalidConfigError, match="compile"):
+        Engine(onnx_model, compile=True)
     with pytest.raises(ValueError, match="codes"):
         onnx_model.decode(torch.full((4, 3), 64))
 

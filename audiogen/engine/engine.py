@@ -81,6 +81,9 @@ class Engine:
         if steps < config.max_steps:
             raise InvalidConfigError(
                 "max_steps_per_slot", f"must be >= window_frames + max_delay = {config.max_steps} (got {steps})")
+        if compile and model.backend != "torch":
+            raise InvalidConfigError("compile", f"applies to the torch backend (the {model.backend} backend's graphs "
+                                                f"are optimised by its own runtime)")
         if max_queued_requests < 0:
             raise InvalidConfigError("max_queued_requests", f"must be >= 0 (got {max_queued_requests})")
         self.model = model

@@ -282,9 +282,6 @@ class OnnxLanguageModel(nn.Module):
         raise NotImplementedError("the ONNX backend runs generation only; teacher-forced scoring (lm(...)) needs "
                                   "the PyTorch backend")
 
-    def compile_step(self) -> None:
-        """Nothing to compile: onnxruntime optimises the graph when the session is created."""
-
 
 def _single_threaded_torch() -> None:
     """Run the thread's remaining torch work (cache copies, sampling) on one core: onnxruntime's pool owns the
