@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 PRESET = "tiny"  # the LM preset the demo sizes override (`audiogen train --preset`)
 RUN_NAME = "demo"  # the Ray Train run in WORK/runs
