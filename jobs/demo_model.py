@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 PRESET = "tiny"  # the LM preset the demo sizes override (`audiogen train --preset`)
 RUN_NAME = "demo"  # the Ray Train run in WORK/runs
 MAX_TEXT_TOKENS = 64  # synth captions need <= 27 tokens; room for users' own prompts
