@@ -244,7 +244,7 @@ class LanguageModel(nn.Module):
         only to write their self-attention keys/values: the next `step` continues at position S."""
         positions = torch.arange(tokens.shape[-1], device=tokens.device)
         self.run(tokens, positions, None, lambda layer, k, v: cache.write_prefix(layer, rows, k, v),
-                 cache.text_kv(rows), cache.text_mask[rows])
+                 *cache.text_view(rows))
 
     # ------------------------------------------------------------------ one step per row
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_rows: int,
@@ -257,8 +257,7 @@ class LanguageModel(nn.Module):
         self_mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         rows = slice(0, num_rows)
         hidden = self.run(tokens[:, :, None], positions[:, None], self_mask,
-                          lambda layer, k, v: cache.write_step(layer, positions, k, v, length), cache.text_kv(rows),
-                          cache.text_mask[rows])
+                          lambda layer, k, v: cache.write_step(layer, positions, k, v, length), *cache.text_view(rows))
         return self.logits(hidden)[:, :, 0]
 
     # ------------------------------------------------------------------ training from scratch

@@ -265,16 +265,13 @@ class OnnxLanguageModel(nn.Module):
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: np.ndarray, past_values: np.ndarray,
              cache: KVCache, rows: slice) -> list[np.ndarray]:
-        mask = cache.text_mask[rows]
-        # Only the text positions some row can see (the cache is sized for the longest allowed prompt).
-        visible = torch.nonzero(mask.any(dim=0))
-        text_len = int(visible[-1, 0]) + 1 if len(visible) else 1
+        text_kv, mask = cache.text_view(rows)
         feeds = {
             "tokens": _array(tokens, np.int64), "positions": _array(positions, np.int64),
             "past_keys": past_keys, "past_values": past_values,
-            "cross_keys": _array(cache.text_keys[:, rows, :, :text_len]),
-            "cross_values": _array(cache.text_values[:, rows, :, :text_len]),
-            "cross_mask": _array(mask[:, :text_len], np.bool_),
+            "cross_keys": _array(torch.stack([k for k, _ in text_kv])),
+            "cross_values": _array(torch.stack([v for _, v in text_kv])),
+            "cross_mask": _array(mask, np.bool_),
         }
         return self.sessions.step.run(None, feeds)
 
