@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 from transformers import EncodecConfig, EncodecModel
 from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d, EncodecResnetBlock
 
@@ -186,9 +187,16 @@ class Codec(torch.nn.Module):
             embeddings = embeddings + layers[k].decode(codes[:, k])
         return embeddings
 
-    def _mode(self) -> contextlib.AbstractContextManager[Any]:
-        """Inference mode unless the codec is being trained (then gradients must flow)."""
-        return contextlib.nullcontext() if self.training else torch.inference_mode()
+    @contextlib.contextmanager
+    def _mode(self) -> Iterator[None]:
+        """Inference mode unless the codec is being trained (then gradients must flow). In inference, each
+        weight-normalised weight is computed once per call rather than once per clip and layer call (the same
+        values: one computation cached instead of repeated)."""
+        if self.training:
+            yield
+            return
+        with torch.inference_mode(), parametrize.cached():
+            yield
 
     def _check_audio(self, audio: Any) -> None:
         expected = f"float tensor [batch, {self.channels}, samples] at {self.sample_rate} Hz"
