@@ -185,7 +185,7 @@ def build_datasets(options: TrainOptions) -> dict[str, Any]:
 # Models on the driver and the workers
 # ---------------------------------------------------------------------------------------------------------------
 def local_model(spec: str, storage_options: dict[str, Any] | None = None) -> str:
-    from pipelines.encode import local_model as fetch
+    from pipelines.job import fetch_model as fetch
 
     return fetch(spec, storage_options)
 
