@@ -68,6 +68,8 @@ def fetch_model(spec: str, storage_options: dict[str, Any] | None = None, *, cac
             import fsspec
 
             fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+            if not fs.isdir(path):
+                raise FileNotFoundError(f"model directory {spec} does not exist")
             staging = tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".partial", dir=root)
             try:
                 fs.get(path.rstrip("/") + "/", staging + "/", recursive=True)
