@@ -30,8 +30,12 @@ from pipelines.job import ensure_ray, on_driver_node, write_summary
 from pipelines.processor import RenderConfig, RenderProgress, RenderWorker, build_audio_processor, progress_actor_name
 from pipelines.storage import Storage, expand_inputs
 
-PLANNER_BLOCK_BYTES = 256 * 1024  # the planner streams blocks of about this size (a few hundred rows)
-TASK_ROWS_PER_SLOT = 16  # rows per render task = 16 x engine slots: what an actor failure makes Ray render again
+# Render tasks are the planner's output blocks, which Ray Data cuts by size: about TASK_ROWS_PER_SLOT x slots
+# rows of ~ROW_BYTES each. An actor holds 2 tasks, so its failure re-renders at most ~16x its slots in rows,
+# while the per-task overhead of Ray Data stays small against the rendering.
+TASK_ROWS_PER_SLOT = 8
+ROW_BYTES = 256  # a planned row with a short prompt
+ROWS_PER_READ = 1024  # rows the planner reads and normalises at a time
 
 
 @dataclass(kw_only=True)
@@ -61,15 +65,13 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
     ray.data.DataContext.get_current().enable_progress_bars = options.progress
     done = committed_ids(storage)
     storage.remove_prefix("errors")  # errors describe the latest run: every row not done is tried again now
-    rows_per_task = TASK_ROWS_PER_SLOT * options.max_batch_slots
     planned = ray.data.from_items([{"manifest": options.input}])
-    planned.context.target_max_block_size = PLANNER_BLOCK_BYTES
+    planned.context.target_max_block_size = TASK_ROWS_PER_SLOT * options.max_batch_slots * ROW_BYTES
     planned = planned.map_batches(
         plan_manifest, batch_size=None, batch_format="pyarrow", num_cpus=0, label_selector=on_driver_node(),
         fn_kwargs={"files": files, "url": options.input, "storage_options": options.storage_options,
                    "defaults": options.sampling, "duration": options.duration, "done": done,
-                   "limit": options.limit, "rows_per_read": rows_per_task},
-    ).repartition(target_num_rows_per_block=rows_per_task)
+                   "limit": options.limit, "rows_per_read": ROWS_PER_READ})
     sink = RenderSink(options.output, options.storage_options, options.part_rows)
     progress = ray.remote(num_cpus=0)(RenderProgress).options(
         name=progress_actor_name(options.output), get_if_exists=True, label_selector=on_driver_node()).remote()

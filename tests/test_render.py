@@ -179,12 +179,12 @@ class EngineFailsOnce(RenderWorker):
         super().__init__(config)
         marker = os.path.join(config.output, "engine-failed-once")
         if not os.path.exists(marker):
-            open(marker, "w").close()
             step, calls = self.engine.batch.step, []
 
             def failing_step():
                 calls.append(1)
                 if len(calls) > 3:
+                    open(marker, "w").close()
                     raise RuntimeError("injected step failure")
                 return step()
 
@@ -197,7 +197,7 @@ def test_a_dead_engine_restarts_its_actor_and_its_rows_are_retried(ray_local, tm
     output = tmp_path / "out"
     output.mkdir()
     summary = run_render(_options(_write_manifest(tmp_path, rows), str(output)), worker=EngineFailsOnce)
-    assert (output / "engine-failed-once").exists(), "the fault was injected"
+    assert (output / "engine-failed-once").exists(), "an engine step failed mid-job"
     assert summary["rows_rendered"] == 10 and summary["rows_failed"] == 0
     storage = Storage(str(output))
     _check_output(storage, {f"e-{i}" for i in range(10)}, set())
