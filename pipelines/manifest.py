@@ -146,20 +146,16 @@ def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) 
 
 
 def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: dict[str, Any],
-                  defaults: SamplingParams, duration: float | None, done: list[Any], limit: int | None,
+                  defaults: SamplingParams, duration: float | None, output: str | None, limit: int | None,
                   rows_per_read: int) -> Iterator[pa.Table]:
-    """Ray Data generator (the single task of the planning stage): every row of `files` in order, planned.
-
-    `done` holds object refs of Arrow tables with the committed ids (read in parallel by Ray Data from the
-    output's metadata parts); they are loaded here, never on the driver."""
+    """Ray Data generator (the single task of the planning stage): every row of `files` in order, planned;
+    rows committed in `output` by an earlier run are marked `done` (read here, never on the driver)."""
     import pyarrow.parquet as pq
-    import ray
 
-    from pipelines.storage import arrow_filesystem
+    from pipelines.commit import committed_ids
+    from pipelines.storage import Storage, arrow_filesystem
 
-    committed: set[str] = set()
-    for ref in done:
-        committed.update(ray.get(ref).column("id").to_pylist())
+    committed = set() if output is None else committed_ids(Storage(output, storage_options))
     filesystem, _ = arrow_filesystem(url, storage_options)
     first: dict[str, int] = {}
     row = 0

@@ -122,14 +122,10 @@ class RenderWorker:
     def __init__(self, config: RenderConfig) -> None:
         import ray
 
-        from audiogen.engine import Engine
-
         self.config = config
         self.storage = Storage(config.output, config.storage_options)
-        self.model = load_render_model(config)
-        self.engine = Engine(self.model, max_batch_slots=config.max_batch_slots, max_queued_requests=1_000_000,
-                             admission_order="longest_first")
-        self.model_checksum = self.model.checksum()
+        self.model: Any = None
+        self.engine: Any = None
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id() or f"local-{os.getpid()}"
         try:
@@ -139,14 +135,26 @@ class RenderWorker:
             self.progress = None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        self._exit_if_engine_dead()
         rows = batch.to_pylist()
+        if self.engine is None and any(row["status"] == "todo" for row in rows):
+            self._start_engine()  # blocks this actor's event loop: nothing can run before the model anyway
+        self._exit_if_engine_dead()
         outcomes = await asyncio.gather(*(self._render(row) for row in rows))
         rendered = [o for o in outcomes if o["status"] == "rendered"]
         if self.progress is not None and rendered:
             self.progress.add.remote(len(rendered), sum(o["audio_duration"] for o in rendered))
         return set_columns(batch, {name: pa.array([o[name] for o in outcomes], RENDER_SCHEMA.field(name).type)
                                    for name in RENDER_SCHEMA.names})
+
+    def _start_engine(self) -> None:
+        """Load the model when the first row to render arrives: an actor that only passes rows through (a rerun
+        of a committed job) loads none."""
+        from audiogen.engine import Engine
+
+        self.model = load_render_model(self.config)
+        self.model_checksum = self.model.checksum()
+        self.engine = Engine(self.model, max_batch_slots=self.config.max_batch_slots,
+                             max_queued_requests=1_000_000, admission_order="longest_first")
 
     async def _render(self, row: dict[str, Any]) -> dict[str, Any]:
         from audiogen.engine import GenerationRequest
@@ -192,8 +200,8 @@ class RenderWorker:
     def _exit_if_engine_dead(self) -> None:
         """A dead engine fails every request it holds: leave the process (not the rows) so that Ray restarts
         the actor and retries its tasks on a fresh engine."""
-        snapshot = self.engine.snapshot()
-        if not snapshot.alive:
+        snapshot = None if self.engine is None else self.engine.snapshot()
+        if snapshot is not None and not snapshot.alive:
             log.error("render actor %s: engine is dead (%s); exiting for Ray to restart it", self.actor_id,
                       snapshot.error)
             logging.shutdown()

@@ -53,7 +53,7 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
     """Render every not-yet-committed row of the manifest; returns (and writes as `_SUCCESS`) the job summary."""
     import ray
 
-    from pipelines.commit import RenderSink, committed_ids
+    from pipelines.commit import RenderSink
     from pipelines.manifest import check_manifest, plan_manifest
 
     started = time.perf_counter()
@@ -63,14 +63,13 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
     storage = Storage(options.output, options.storage_options)
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = options.progress
-    done = committed_ids(storage)
     storage.remove_prefix("errors")  # errors describe the latest run: every row not done is tried again now
     planned = ray.data.from_items([{"manifest": options.input}])
     planned.context.target_max_block_size = TASK_ROWS_PER_SLOT * options.max_batch_slots * ROW_BYTES
     planned = planned.map_batches(
         plan_manifest, batch_size=None, batch_format="pyarrow", num_cpus=0, label_selector=on_driver_node(),
         fn_kwargs={"files": files, "url": options.input, "storage_options": options.storage_options,
-                   "defaults": options.sampling, "duration": options.duration, "done": done,
+                   "defaults": options.sampling, "duration": options.duration, "output": options.output,
                    "limit": options.limit, "rows_per_read": ROWS_PER_READ})
     sink = RenderSink(options.output, options.storage_options, options.part_rows)
     progress = ray.remote(num_cpus=0)(RenderProgress).options(

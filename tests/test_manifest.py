@@ -69,31 +69,36 @@ def test_normalize_table_turns_bad_rows_into_records():
     assert '"prompt": ""' in bad["row_json"] and bad["prompt"] is None
 
 
-def _plan(tmp_path, url, *, done=frozenset(), limit=None, rows_per_read=2):
-    import ray
-
+def _plan(tmp_path, url, *, done=(), limit=None, rows_per_read=2):
+    output = tmp_path / "out"
+    if done:  # a committed part of an earlier run
+        (output / "metadata").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": sorted(done), "file": [f"{i}.wav" for i in sorted(done)]}),
+                       output / "metadata" / "part-1.parquet")
+        (output / "metadata" / "part-2.parquet.0123.tmp").write_bytes(b"an interrupted write")
     files = expand_inputs(url)
     check_manifest(files, url, {})
-    refs = [ray.put(pa.table({"id": sorted(done)}))] if done else []
     blocks = list(plan_manifest(pa.table({"x": [0]}), files=files, url=url, storage_options={},
-                                defaults=SamplingParams(), duration=3.0, done=refs, limit=limit,
+                                defaults=SamplingParams(), duration=3.0, output=str(output), limit=limit,
                                 rows_per_read=rows_per_read))
     return pa.concat_tables(blocks).to_pylist()
 
 
-def test_planner_numbers_rows_in_file_order_and_first_occurrence_wins(ray_local, tmp_path):
+def test_planner_numbers_rows_in_file_order_and_first_occurrence_wins(tmp_path):
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
     pq.write_table(pa.table({"id": ["x", None, "x", None], "prompt": ["dog", "cat", "bird", ""],
-                             "duration": [1.0, None, 2.0, 1.0]}), tmp_path / "a.parquet")
+                             "duration": [1.0, None, 2.0, 1.0]}), manifests / "a.parquet")
     pq.write_table(pa.table({"id": ["y", "x"], "prompt": ["rain", "wind"], "duration": [1.5, 1.0]}),
-                   tmp_path / "b.parquet")
-    rows = _plan(tmp_path, str(tmp_path), done={"y"})
+                   manifests / "b.parquet")
+    rows = _plan(tmp_path, str(manifests), done={"y"})
     assert [r["row"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert [r["status"] for r in rows] == ["todo", "todo", "invalid", "invalid", "done", "invalid"]
     assert rows[1]["duration"] == 3.0 and rows[1]["id"].startswith("r-")
     assert rows[2]["error_type"] == "DuplicateId" and "row 0" in rows[2]["error"]
     assert rows[5]["id"] == "x" and rows[5]["source"].endswith("b.parquet") and "row 0" in rows[5]["error"]
     assert rows[3]["error_field"] == "prompt" and rows[3]["id"] == "row-3"
-    assert [r["row"] for r in _plan(tmp_path, str(tmp_path), limit=3)] == [0, 1, 2]
+    assert [r["row"] for r in _plan(tmp_path, str(manifests), limit=3)] == [0, 1, 2]
 
 
 def test_manifest_without_prompt_column_or_files_fails_clearly(tmp_path):

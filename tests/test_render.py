@@ -175,9 +175,9 @@ def test_killing_a_render_actor_mid_job_loses_and_duplicates_nothing(ray_local, 
 class EngineFailsOnce(RenderWorker):
     """The first actor's engine fails a decoding step after a few steps; its restarted successor works."""
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        marker = os.path.join(config.output, "engine-failed-once")
+    def _start_engine(self) -> None:
+        super()._start_engine()
+        marker = os.path.join(self.config.output, "engine-failed-once")
         if not os.path.exists(marker):
             step, calls = self.engine.batch.step, []
 
