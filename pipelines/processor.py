@@ -13,8 +13,8 @@ not be rendered. Bad rows are records, never exceptions.
 Each actor owns one engine with `max_batch_slots` decoding slots. It is fed batches of ceil(slots / 2) rows; Ray
 Data runs up to 4 batches of a task at once in an async actor and each actor takes 2 tasks, so an actor holds
 between 2x and 4x its slots in rows (at least 1.5x: the engine never waits for the next batch), every row its own
-engine request, admitted longest first (the batch ends with its last clip: long clips start first, short ones fill
-the tail).
+engine request, admitted longest first (a batch ends with its last clip: long clips start first, short ones fill
+the tail). The model is loaded with the first row to render (fetched once per node for remote directories).
 
 Faults: a failed engine step closes the engine; the actor then exits its process, so Ray restarts it and retries
 its tasks (rows re-render to the same bytes: the seed is part of the row). Rows are never written as errors because
@@ -34,8 +34,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from audiogen.errors import InvalidRequestError
 from audiogen.io import SUPPORTED_FORMATS
 from audiogen.sampling_params import SamplingParams
+from audiogen.validation import check_integer
 from pipelines.job import fetch_model
 from pipelines.manifest import PLAN_SCHEMA, normalize_table
 from pipelines.storage import Storage
@@ -79,6 +81,13 @@ class RenderConfig:
     backend: str | None = field(default=None, metadata={
         "help": "default: onnx for a directory written by `audiogen export-onnx`, else torch",
         "choices": ("torch", "onnx")})
+
+    def __post_init__(self) -> None:
+        if self.format not in SUPPORTED_FORMATS:
+            raise InvalidRequestError("format", f"{self.format!r} is not supported", limit=", ".join(SUPPORTED_FORMATS))
+        check_integer("min_actors", self.min_actors, low=1, high=None)
+        check_integer("max_actors", self.max_actors, low=self.min_actors, high=None, limit=">= min_actors")
+        check_integer("max_batch_slots", self.max_batch_slots, low=1, high=None)
 
     @property
     def extension(self) -> str:
@@ -158,7 +167,6 @@ class RenderWorker:
 
     async def _render(self, row: dict[str, Any]) -> dict[str, Any]:
         from audiogen.engine import GenerationRequest
-        from audiogen.errors import InvalidRequestError
 
         outcome = {name: row.get(name) for name in RENDER_SCHEMA.names}
         if row["status"] != "todo":  # invalid, or committed by an earlier run: passed through
@@ -267,6 +275,4 @@ class AudioProcessor:
 
 def build_audio_processor(config: RenderConfig, *, worker: type[RenderWorker] = RenderWorker) -> AudioProcessor:
     """A processor for `config` (see the module docstring); `worker` may be a subclass of `RenderWorker`."""
-    if config.format not in SUPPORTED_FORMATS:
-        raise ValueError(f"format {config.format!r} is not supported (choose from {sorted(SUPPORTED_FORMATS)})")
     return AudioProcessor(config, worker)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from audiogen.validation import check_integer
 from pipelines.job import ensure_ray, on_driver_node, write_summary
 from pipelines.processor import RenderConfig, RenderProgress, RenderWorker, build_audio_processor, progress_actor_name
 from pipelines.storage import Storage, expand_inputs
@@ -43,10 +44,15 @@ class RenderOptions(RenderConfig):
     """`audiogen render`'s options: the processor's plus the manifest and the commit."""
 
     input: str = field(metadata={"help": "Parquet manifest: file, directory/prefix or glob, local or s3://"})
-    part_rows: int = field(default=4096, metadata={
+    part_rows: int = field(default=2048, metadata={
         "help": "rows per metadata part: a crash makes the next run re-render at most about this many rows"})
     limit: int | None = field(default=None, metadata={"help": "only the first N manifest rows"})
     progress: bool = field(default=True, metadata={"help": "Ray Data progress bars"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_integer("part_rows", self.part_rows, low=1, high=None)
+        check_integer("limit", self.limit, low=0, high=None)
 
 
 def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWorker) -> dict[str, Any]:

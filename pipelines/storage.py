@@ -65,9 +65,6 @@ class Storage:
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self._full(relative))
 
-    def exists(self, relative: str) -> bool:
-        return self.fs.exists(self._full(relative))
-
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Names (relative to `prefix`) of the objects directly under `prefix` ending with `suffix`."""
         directory = self._full(prefix)

@@ -64,8 +64,9 @@ def scenario(work: Path) -> dict:
     metadata = storage.read_tables("metadata")
     audio_ok = all(hashlib.sha256(storage.read_bytes(f"audio/{row['file']}")).hexdigest() == row["sha256"]
                    for row in metadata.to_pylist())
-    report = {"removed": removed, "committed_before": committed_before, "finished": not job.is_alive(), "summary": result,
-              "ids": metadata["id"].to_pylist(), "audio": storage.list("audio"), "audio_ok": audio_ok}
+    report = {"removed": removed, "committed_before": committed_before, "finished": not job.is_alive(),
+              "summary": result, "ids": metadata["id"].to_pylist(), "audio": storage.list("audio"),
+              "audio_ok": audio_ok}
     ray.shutdown()
     cluster.shutdown()
     return report
