@@ -33,7 +33,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import Datasink
 
-from pipelines.job import part_name
 from pipelines.storage import Storage, arrow_filesystem
 
 METADATA_SCHEMA = pa.schema([
@@ -97,12 +96,13 @@ class RenderSink(Datasink):
         rendered = table.filter(pc.equal(table["status"], "rendered"))
         errors = table.filter(pc.is_in(table["status"], pa.array(["failed", "invalid"])))
         if rendered.num_rows:
-            storage.write_table(f"metadata/{part_name(rendered['id'].to_pylist())}",
-                                _select(rendered, METADATA_SCHEMA, {"manifest_row": "row"}))
+            storage.write_part("metadata", rendered["id"].to_pylist(),
+                               _select(rendered, METADATA_SCHEMA, {"manifest_row": "row"}))
         if errors.num_rows:
-            storage.write_table(f"errors/{part_name(errors['id'].to_pylist())}",
-                                _select(errors, ERROR_SCHEMA, {"field": "error_field", "message": "error"}))
+            storage.write_part("errors", errors["id"].to_pylist(),
+                               _select(errors, ERROR_SCHEMA, {"field": "error_field", "message": "error"}))
         counts = {status: pc.sum(pc.equal(table["status"], status)).as_py() or 0 for status in STATUSES}
+        counts["done"] = pc.sum(table["skipped"]).as_py() or 0  # `done` records count the rows they stand for
         return {**counts, "audio_seconds": pc.sum(rendered["audio_duration"]).as_py() or 0.0}
 
     def on_write_complete(self, write_result: Any) -> None:

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.job import ensure_ray, fetch_model, part_name, write_summary
+from pipelines.job import ensure_ray, fetch_model, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +370,8 @@ def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo
             out["n_frames"].append(segment.n_frames)
             out["audio"].append(segment.audio)
     if errors:
-        Storage(options.output, options.storage_options).write_table(
-            f"errors/{part_name([e['id'] for e in errors])}", errors_table(errors))
+        Storage(options.output, options.storage_options).write_part("errors", [e["id"] for e in errors],
+                                                                    errors_table(errors))
     result = {name: np.asarray(values, dtype=object if name in ("id", "caption", "path", "split") else None)
               for name, values in out.items() if name != "audio"}
     result["segment"] = np.asarray(out["segment"], dtype=np.int32)
@@ -430,11 +430,11 @@ class SegmentEncoder:
         shard = ""
         if good:
             kept = [rows[i] for i in good]
-            shard = part_name([segment_key(r["id"], r["segment"]) for r in kept])
-            self.storage.write_table(f"codes/{shard}", codes_table(kept, np.stack(codes), self.checksum))
+            shard = self.storage.write_part("codes", [segment_key(r["id"], r["segment"]) for r in kept],
+                                            codes_table(kept, np.stack(codes), self.checksum))
         if errors:
-            self.storage.write_table(f"errors/{part_name([segment_key(e['id'], e['segment']) for e in errors])}",
-                                     errors_table(errors))
+            self.storage.write_part("errors", [segment_key(e["id"], e["segment"]) for e in errors],
+                                    errors_table(errors))
         return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(good)], dtype=np.int64),
                 "errors": np.asarray([len(errors)], dtype=np.int64)}
 

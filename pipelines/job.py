@@ -1,5 +1,6 @@
 """Job mechanics shared by the Ray pipelines (render, encode, train): starting Ray, deterministic part names, the
-JSON summary, placement on the driver's node, and remote models fetched once per node into a local cache.
+JSON summary, placement on the driver's node, the progress actor, and remote models fetched once per node into a
+local cache.
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ def on_driver_node() -> dict[str, str]:
     import ray
 
     return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+
+
+def progress_actor_name(output: str) -> str:
+    """One progress actor per output location (two jobs on one cluster never share it)."""
+    return "audiogen-job-" + hashlib.sha256(output.encode()).hexdigest()[:16]
+
+
+class JobProgress:
+    """A job's live counts (rows and audio seconds done) and its workers by actor id, pid and node: what an operator
+    (or a fault test) needs to find them. Ids, not handles: a handle held here would keep an actor alive after
+    Ray Data scales it down. Kept free of model imports, so its worker starts in a blink."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.audio_seconds = 0.0
+        self.workers: dict[str, dict[str, Any]] = {}
+
+    def register(self, actor_id: str, pid: int, node_id: str) -> None:
+        self.workers[actor_id] = {"pid": pid, "node_id": node_id}
+
+    def add(self, rows: int, seconds: float) -> None:
+        self.rows += rows
+        self.audio_seconds += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"rows": self.rows, "audio_seconds": self.audio_seconds, "workers": dict(self.workers)}
 
 
 def fetch_model(spec: str, storage_options: dict[str, Any] | None = None, *, cache: Path | str = MODEL_CACHE) -> str:

@@ -42,6 +42,7 @@ PLAN_SCHEMA = pa.schema([
     ("top_p", pa.float64()), ("guidance_scale", pa.float64()),
     ("row", pa.int64()), ("source", pa.string()),  # position in the manifest (files in name order)
     ("status", pa.string()),  # todo | done | invalid (later also rendered | failed)
+    ("skipped", pa.int64()),  # a `done` record stands for this many committed rows (see `fold_done`)
     ("error_field", pa.string()), ("error_type", pa.string()), ("error", pa.string()), ("row_json", pa.string()),
 ])
 
@@ -132,6 +133,19 @@ def claim_first(planned: pa.Table, first: dict[str, int], done: set[str] | froze
     return planned
 
 
+def fold_done(planned: pa.Table) -> pa.Table:
+    """`planned` with its `done` rows folded into one `done` record that counts them (`skipped`): committed
+    rows need no render actor, only their place in the job's counts, so a rerun moves a record per block."""
+    import pyarrow.compute as pc
+
+    done = pc.equal(planned["status"], "done")
+    count = pc.sum(done).as_py() or 0
+    if not count:
+        return planned
+    record = pa.Table.from_pylist([{"status": "done", "skipped": count}], schema=PLAN_SCHEMA)
+    return pa.concat_tables([planned.filter(pc.invert(done)), record])
+
+
 def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) -> None:
     """Fail fast, on the driver, when the first manifest file cannot be read or has no `prompt` column."""
     import pyarrow.parquet as pq
@@ -171,7 +185,7 @@ def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: d
                     batch = batch.slice(0, limit - row)
                 planned = normalize_table(pa.Table.from_batches([batch]), defaults, duration, first_row=row,
                                           source=path)
-                yield claim_first(planned, first, committed)
+                yield fold_done(claim_first(planned, first, committed))
                 row += batch.num_rows
                 if limit is not None and row >= limit:
                     return

@@ -10,10 +10,11 @@ not be rendered. Bad rows are records, never exceptions.
     proc = build_audio_processor(RenderConfig(output="s3://bucket/clips", max_actors=8, num_gpus=1))
     proc(ray.data.read_parquet("s3://bucket/prompts/")).write_parquet("s3://bucket/clips/index")
 
-Each actor owns one engine with `max_batch_slots` decoding slots. It is fed batches of ceil(slots / 2) rows; Ray
-Data runs up to 4 batches of a task at once in an async actor and each actor takes 2 tasks, so an actor holds
-between 2x and 4x its slots in rows (at least 1.5x: the engine never waits for the next batch), every row its own
-engine request, admitted longest first (a batch ends with its last clip: long clips start first, short ones fill
+Each actor owns one engine with `max_batch_slots` decoding slots. It is fed batches of `slots` rows; Ray Data runs
+up to 4 batches of a task at once in an async actor and each actor takes 2 tasks, so an actor holds 4x-8x its
+slots in rows (at least 1.5x even at a task's tail: the engine never waits for the next batch; larger batches
+keep Ray Data's per-batch cost, paid under the GIL the engine loop needs, small), every row its own engine
+request, admitted longest first (a batch ends with its last clip: long clips start first, short ones fill
 the tail). The model is loaded with the first row to render (fetched once per node for remote directories).
 
 Faults: a failed engine step closes the engine; the actor then exits its process, so Ray restarts it and retries
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ from audiogen.errors import InvalidRequestError
 from audiogen.io import SUPPORTED_FORMATS
 from audiogen.sampling_params import SamplingParams
 from audiogen.validation import check_integer
-from pipelines.job import fetch_model
+from pipelines.job import fetch_model, progress_actor_name
 from pipelines.manifest import PLAN_SCHEMA, normalize_table
 from pipelines.storage import Storage
 
@@ -54,7 +54,6 @@ RENDER_SCHEMA = pa.schema([
     ("actor_id", pa.string()), ("rendered_at", pa.string()),
     ("error_field", pa.string()), ("error_type", pa.string()), ("error", pa.string()),
 ])
-ASYNC_BATCHES_PER_TASK = 4  # Ray Data's default concurrency of an async batch UDF within one task
 TASKS_PER_ACTOR = 2
 
 
@@ -75,7 +74,7 @@ class RenderConfig:
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per render actor"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per render actor (0 = CPU actors)"})
     max_batch_slots: int = field(default=16, metadata={
-        "help": "engine slots per actor; each actor is fed 2-4x this many rows"})
+        "help": "engine slots per actor; each actor is fed 4-8x this many rows"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype",
                                                       "choices": ("float32", "bfloat16", "float16")})
     backend: str | None = field(default=None, metadata={
@@ -95,34 +94,9 @@ class RenderConfig:
 
     @property
     def batch_rows(self) -> int:
-        """Rows per actor call: with 4 calls per task and 2 tasks per actor, 2x-4x the engine's slots in flight."""
-        return max(1, math.ceil(self.max_batch_slots / 2))
-
-
-def progress_actor_name(output: str) -> str:
-    """One progress actor per output location (two jobs on one cluster never share it)."""
-    return "audiogen-render-" + hashlib.sha256(output.encode()).hexdigest()[:16]
-
-
-class RenderProgress:
-    """Live counts of a job (rows and audio seconds rendered) and its render actors by id, pid and node: what an
-    operator (or the fault tests) needs to find them. Ids, not handles: a handle held here would keep an actor
-    alive after Ray Data scales it down."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.audio_seconds = 0.0
-        self.workers: dict[str, dict[str, Any]] = {}
-
-    def register(self, actor_id: str, pid: int, node_id: str) -> None:
-        self.workers[actor_id] = {"pid": pid, "node_id": node_id}
-
-    def add(self, rows: int, seconds: float) -> None:
-        self.rows += rows
-        self.audio_seconds += seconds
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"rows": self.rows, "audio_seconds": self.audio_seconds, "workers": dict(self.workers)}
+        """Rows per actor call, one engine's worth: with 4 calls per task and 1-2 tasks per actor in flight, the
+        engine has 4x-8x its slots to choose from."""
+        return self.max_batch_slots
 
 
 class RenderWorker:
@@ -220,7 +194,8 @@ def plan_rows(batch: pa.Table, defaults: SamplingParams, duration: float | None)
     """Ray Data map: the batch with its rows normalised (`normalize_table`); the caller's other columns are kept
     (`row`/`source`, the manifest position, are the render job's and left alone)."""
     planned = normalize_table(batch, defaults, duration)
-    return set_columns(batch, {name: planned[name] for name in PLAN_SCHEMA.names if name not in ("row", "source")})
+    return set_columns(batch, {name: planned[name] for name in PLAN_SCHEMA.names
+                               if name not in ("row", "source", "skipped")})
 
 
 def set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:

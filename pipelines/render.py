@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audiogen.validation import check_integer
-from pipelines.job import ensure_ray, on_driver_node, write_summary
-from pipelines.processor import RenderConfig, RenderProgress, RenderWorker, build_audio_processor, progress_actor_name
+from pipelines.job import JobProgress, ensure_ray, on_driver_node, progress_actor_name, write_summary
+from pipelines.processor import RenderConfig, RenderWorker, build_audio_processor
 from pipelines.storage import Storage, expand_inputs
 
 # Render tasks are the planner's output blocks, which Ray Data cuts by size: about TASK_ROWS_PER_SLOT x slots
@@ -78,7 +78,7 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
                    "defaults": options.sampling, "duration": options.duration, "output": options.output,
                    "limit": options.limit, "rows_per_read": ROWS_PER_READ})
     sink = RenderSink(options.output, options.storage_options, options.part_rows)
-    progress = ray.remote(num_cpus=0)(RenderProgress).options(
+    progress = ray.remote(num_cpus=0)(JobProgress).options(
         name=progress_actor_name(options.output), get_if_exists=True, label_selector=on_driver_node()).remote()
     try:
         processor.render(planned).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})

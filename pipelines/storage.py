@@ -84,6 +84,15 @@ class Storage:
         pq.write_table(table, buffer)
         self.write_bytes(relative, buffer.getvalue())
 
+    def write_part(self, prefix: str, keys: list[str], table: pa.Table) -> str:
+        """Write `table` as `prefix/<part_name(keys)>` (the keys of its rows); returns the part's name. A retried
+        task writes the same rows under the same name: it overwrites its part instead of adding a copy."""
+        from pipelines.job import part_name
+
+        name = part_name(keys)
+        self.write_table(posixpath.join(prefix, name), table)
+        return name
+
     def read_tables(self, prefix: str, columns: list[str] | None = None) -> pa.Table | None:
         """All `*.parquet` parts under `prefix` as one table (None when there are none)."""
         tables = []

@@ -92,11 +92,12 @@ def test_planner_numbers_rows_in_file_order_and_first_occurrence_wins(tmp_path):
     pq.write_table(pa.table({"id": ["y", "x"], "prompt": ["rain", "wind"], "duration": [1.5, 1.0]}),
                    manifests / "b.parquet")
     rows = _plan(tmp_path, str(manifests), done={"y"})
-    assert [r["row"] for r in rows] == [0, 1, 2, 3, 4, 5]
-    assert [r["status"] for r in rows] == ["todo", "todo", "invalid", "invalid", "done", "invalid"]
+    assert [r["row"] for r in rows] == [0, 1, 2, 3, 5, None]  # row 4 is committed: folded into a count
+    assert [r["status"] for r in rows] == ["todo", "todo", "invalid", "invalid", "invalid", "done"]
+    assert rows[-1]["skipped"] == 1 and rows[-1]["id"] is None
     assert rows[1]["duration"] == 3.0 and rows[1]["id"].startswith("r-")
     assert rows[2]["error_type"] == "DuplicateId" and "row 0" in rows[2]["error"]
-    assert rows[5]["id"] == "x" and rows[5]["source"].endswith("b.parquet") and "row 0" in rows[5]["error"]
+    assert rows[4]["id"] == "x" and rows[4]["source"].endswith("b.parquet") and "row 0" in rows[4]["error"]
     assert rows[3]["error_field"] == "prompt" and rows[3]["id"] == "row-3"
     assert [r["row"] for r in _plan(tmp_path, str(manifests), limit=3)] == [0, 1, 2]
 

@@ -17,8 +17,9 @@ import soundfile as sf
 from audiogen.cli import main
 from audiogen.defaults import default_model_path
 from audiogen.sampling_params import SamplingParams
+from pipelines.job import progress_actor_name
 from pipelines.manifest import normalize_row
-from pipelines.processor import RenderConfig, RenderWorker, build_audio_processor, progress_actor_name
+from pipelines.processor import RenderConfig, RenderWorker, build_audio_processor
 from pipelines.render import RenderOptions, run_render
 from pipelines.storage import Storage
 

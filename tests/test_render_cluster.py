@@ -27,7 +27,7 @@ def scenario(work: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.processor import progress_actor_name
+    from pipelines.job import progress_actor_name
     from pipelines.render import RenderOptions, run_render
     from pipelines.storage import Storage
 
