@@ -10,12 +10,13 @@ limit in its message): it never stops the stream.
 
 `plan_manifest` is the ordered part: one Ray Data task reads the files in name order, row group by row group,
 numbers the rows, normalises them, and marks the rows whose id an earlier row already has (first occurrence
-wins) and those already committed by an earlier run (`done`). Being one sequential task is what makes "first" and
-the row numbers exact without a shuffle or a driver pass: the rows stream on as they are planned, so the first
-clip renders seconds after the start whatever the manifest's size. Its state is the ids seen (about 100-150
-bytes per row, in the task's worker on the driver's node, never on the driver); if the task is retried it
-replays the same blocks, because planning is deterministic. Normalising costs ~20-40 us per row on one core, so
-the planner keeps up with any cluster rendering fewer than ~25,000 clips per second.
+wins) and those already committed by an earlier run (`done`, folded into one counting record per block). Being
+one sequential task is what makes "first" and the row numbers exact without a shuffle or a driver pass: the rows
+stream on as they are planned, so the first clip renders seconds after the start whatever the manifest's size.
+Its state is the ids seen and the ids committed (about 100-150 bytes per row, in the task's worker on the
+driver's node, never on the driver); if the task is retried it replays the same blocks, because planning is
+deterministic. Normalising costs ~25-40 us per row on one core, so the planner keeps up with any cluster
+rendering fewer than ~25,000 clips per second.
 """
 
 from __future__ import annotations
