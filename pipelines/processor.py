@@ -64,6 +64,13 @@ class RenderConfig:
     output: str = field(metadata={"help": "output directory or s3://bucket/prefix (audio/ goes below it)"})
     model: str | None = field(default=None, metadata={
         "help": "checkpoint or ONNX export directory, local or s3:// (default: the embedded model)"})
+    backend: str | None = field(default=None, metadata={
+        "help": "default: onnx for a directory written by `audiogen export-onnx`, else torch",
+        "choices": ("torch", "onnx")})
+    dtype: str | None = field(default=None, metadata={"help": "model dtype",
+                                                      "choices": ("float32", "bfloat16", "float16")})
+    max_batch_slots: int = field(default=16, metadata={
+        "help": "engine slots per actor; each actor is fed 4-8x this many rows"})
     format: str = field(default="wav", metadata={"help": "audio file format", "choices": tuple(SUPPORTED_FORMATS)})
     subtype: str | None = field(default=None, metadata={"help": "e.g. PCM_16, PCM_24, FLOAT, VORBIS"})
     duration: float | None = field(default=None, metadata={"help": "job default duration (s) for rows without one"})
@@ -73,13 +80,6 @@ class RenderConfig:
     max_actors: int = field(default=1, metadata={"help": "render actors the pool may scale up to"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per render actor"})
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per render actor (0 = CPU actors)"})
-    max_batch_slots: int = field(default=16, metadata={
-        "help": "engine slots per actor; each actor is fed 4-8x this many rows"})
-    dtype: str | None = field(default=None, metadata={"help": "model dtype",
-                                                      "choices": ("float32", "bfloat16", "float16")})
-    backend: str | None = field(default=None, metadata={
-        "help": "default: onnx for a directory written by `audiogen export-onnx`, else torch",
-        "choices": ("torch", "onnx")})
 
     def __post_init__(self) -> None:
         if self.format not in SUPPORTED_FORMATS:
