@@ -102,6 +102,7 @@ def run_command(code: Path, manifest: Path, output: Path, model: Path, *, limit_
                str(model), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
+    load = os.getloadavg()[0]  # the machine's load when the run starts: these figures are only as quiet as it
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True, start_new_session=True)
@@ -143,7 +144,7 @@ def run_command(code: Path, manifest: Path, output: Path, model: Path, *, limit_
             "first_audio_s": None if first_audio is None else round(first_audio, 2),
             "driver_peak_rss_mb": round(peak / 2**20), "planner_peak_rss_mb": round(planner_peak / 2**20) or None,
             "stopped": stopped, "returncode": process.returncode, "committed_rows": _committed_rows(output),
-            "summary": summary}
+            "load_average_at_start": round(load, 2), "summary": summary}
 
 
 def base_worktree(base: str) -> Path:
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--overhead-rows", type=int, default=100_000, help="rows of the complete render (0 = skip)")
     parser.add_argument("--limit-s", type=float, default=300, help="stop a first-clip run after this long")
     parser.add_argument("--overhead-limit-s", type=float, default=3600, help="stop a complete render after this long")
-    parser.add_argument("--rss-cap-gb", type=float, default=6.0, help="stop a run whose driver exceeds this RSS")
+    parser.add_argument("--rss-cap-gb", type=float, default=5.0, help="stop a run whose driver exceeds this RSS")
     parser.add_argument("--base", default="8519c97", help="commit of the previous design")
     parser.add_argument("--work", default=None, help="directory for manifests and outputs (default: a temp dir)")
     parser.add_argument("--json", default="benchmarks/results/render_scale.json")
