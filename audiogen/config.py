@@ -16,7 +16,7 @@ from typing import Any
 from audiogen.errors import InvalidConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Small enough for unit tests on one CPU core; the codec and T5 built by `audiogen.testing` match it.
+    # Small enough for unit tests on one CPU core; the random codec and T5 built by `audiogen.scratch` match it.
     "tiny": dict(
         dim=64,
         num_layers=2,

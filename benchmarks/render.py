@@ -2,7 +2,7 @@
 
 A mixed-duration manifest (default 1,000 rows, durations uniform in [low, high] s) rendered on a local Ray
 instance with the tiny random model of `audiogen.testing` (`--model` for another checkpoint), to local disk:
-- `audiogen render`: `pipelines.render` (async engine actors, several batches in flight per actor, continuous
+- `audiogen render`: `pipelines.render` (async engine actors holding 2-4x their slots in rows, continuous
   batching across batch boundaries, exactly-once commit of audio + metadata);
 - `static map_batches`: a plain callable class that generates each Ray Data batch as one static batch (every
   row runs to the batch's longest duration, the next batch starts when it ends) and writes the WAVs.
@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import PROMPTS, environment, print_table, save_tiny_model, write_json  # noqa: E402
-from pipelines.manifest import RowDefaults  # noqa: E402
 from pipelines.render import RenderOptions, run_render  # noqa: E402
 
 FRAME_RATE = 50
@@ -89,7 +88,7 @@ def main() -> None:
     parser.add_argument("--min-duration", type=float, default=0.5)
     parser.add_argument("--max-duration", type=float, default=5.0)
     parser.add_argument("--actors", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16, help="Ray Data batch = static batch = engine slots")
+    parser.add_argument("--batch-size", type=int, default=16, help="engine slots = static batch size")
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the tiny random model)")
     parser.add_argument("--json", default="benchmarks/results/render_tiny_cpu.json")
     args = parser.parse_args()
@@ -103,9 +102,8 @@ def main() -> None:
     print(f"# render benchmark: {args.rows} rows, durations {args.min_duration}-{args.max_duration} s, "
           f"{args.actors} actor(s), batch {args.batch_size}", flush=True)
 
-    summary = run_render(RenderOptions(input=str(manifest), output=str(work / "pipeline"), defaults=RowDefaults(),
-                                       min_actors=args.actors, max_actors=args.actors, batch_size=args.batch_size,
-                                       batches_per_actor=4, max_batch_slots=args.batch_size, progress=False,
+    summary = run_render(RenderOptions(input=str(manifest), output=str(work / "pipeline"), min_actors=args.actors,
+                                       max_actors=args.actors, max_batch_slots=args.batch_size, progress=False,
                                        model=model))
     static = run_static(manifest, str(work / "static"), args.actors, args.batch_size, model)
     rows = [

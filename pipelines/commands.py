@@ -27,50 +27,43 @@ def _storage_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
+def _storage_option_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec/s3fs option, repeatable (credentials also come from the usual AWS variables)")
+
+
 def _render_arguments(parser: argparse.ArgumentParser) -> None:
+    from audiogen.cli_options import add_options
+    from audiogen.sampling_params import SamplingParams
+    from pipelines.render import RenderOptions
+
+    parser.description = ("Exit code: 0 when every manifest row is committed, 1 when some rows failed (their "
+                          "errors are in OUTPUT/errors/), 2 for bad arguments or an unreadable manifest.")
     parser.add_argument("input", nargs="?", default=None,
                         help="Parquet manifest: file, directory/prefix or glob, local or s3:// "
                              "(default: the embedded example manifest)")
     parser.add_argument("-o", "--output", default="renders", help="output directory or s3://bucket/prefix")
-    parser.add_argument("--model", default=None, help="checkpoint directory, local or s3:// (default: embedded)")
-    parser.add_argument("--format", default="wav", help="wav, flac or ogg")
-    parser.add_argument("--subtype", default=None, help="e.g. PCM_16, PCM_24, FLOAT, VORBIS")
-    for name, kind in (("duration", float), ("temperature", float), ("top-k", int), ("top-p", float),
-                       ("guidance-scale", float)):
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"job default {name} for rows without one")
-    parser.add_argument("--negative-prompt", default=None, help="job default negative prompt")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec/s3fs option, repeatable (credentials also come from the usual AWS variables)")
-    parser.add_argument("--min-actors", type=int, default=1)
-    parser.add_argument("--max-actors", type=int, default=1)
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
-    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0 = CPU actors)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per Ray Data batch / metadata part")
-    parser.add_argument("--batches-per-actor", type=int, default=4, help="batches in flight per actor")
-    parser.add_argument("--max-batch-slots", type=int, default=16, help="engine slots per actor")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--backend", default=None, choices=["torch", "onnx"],
-                        help="default: onnx for a directory written by `audiogen export-onnx`, else torch")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
-    parser.add_argument("--no-progress", action="store_true")
+    add_options(parser, RenderOptions, exclude=("input", "output", "sampling", "storage_options"))
+    add_options(parser.add_argument_group("job defaults for rows without a value"), SamplingParams,
+                exclude=("seed",))  # a row without a seed gets one from its id
+    _storage_option_argument(parser)
 
 
 @command("render", _render_arguments)
 def run_render_command(args: argparse.Namespace) -> int:
     """Render a prompt manifest to audio + metadata with Ray (local, or the cluster in RAY_ADDRESS)."""
-    from pipelines.manifest import RowDefaults
+    from audiogen.cli_options import from_args
+    from audiogen.sampling_params import SamplingParams
     from pipelines.render import RenderOptions, run_render
 
-    manifest = args.input or _example_manifest()
-    defaults = RowDefaults(negative_prompt=args.negative_prompt, duration=args.duration,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           guidance_scale=args.guidance_scale)
-    summary = run_render(RenderOptions(
-        input=manifest, output=args.output, model=args.model, format=args.format, subtype=args.subtype,
-        defaults=defaults, storage_options=_storage_options(args.storage_option), min_actors=args.min_actors,
-        max_actors=args.max_actors, num_cpus=args.num_cpus, num_gpus=args.num_gpus, batch_size=args.batch_size,
-        batches_per_actor=args.batches_per_actor, max_batch_slots=args.max_batch_slots, dtype=args.dtype,
-        backend=args.backend, limit=args.limit, progress=not args.no_progress))
+    try:
+        options = from_args(RenderOptions, args, input=args.input or _example_manifest(), output=args.output,
+                            sampling=from_args(SamplingParams, args),
+                            storage_options=_storage_options(args.storage_option))
+        summary = run_render(options)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"audiogen render: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0 if summary["rows_failed"] == 0 else 1
 
@@ -91,43 +84,25 @@ def _example_manifest() -> str:
 
 
 def _encode_arguments(parser: argparse.ArgumentParser) -> None:
+    from audiogen.cli_options import add_options
+    from pipelines.encode import EncodeOptions
+
     parser.add_argument("manifest", help="Parquet or JSONL manifest (path/audio, caption, optional id, offset, "
                                          "duration, split), local or s3://")
     parser.add_argument("output", help="output directory or s3://bucket/prefix (codes/, errors/, summary.json)")
-    parser.add_argument("--codec", default="default", help="codec: 'default' (the embedded demo model's), 'tiny', "
-                                                           "an EnCodec directory or a model directory")
-    parser.add_argument("--segment-seconds", type=float, default=10.0)
-    last = parser.add_mutually_exclusive_group()
-    last.add_argument("--pad-last", dest="pad_last", action="store_true", default=True,
-                      help="zero-pad the last short segment and mask its padding in training (default)")
-    last.add_argument("--drop-last", dest="pad_last", action="store_false", help="drop the last short segment")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest usable (last) segment")
-    parser.add_argument("--silence-db", type=float, default=-60.0, help="segments with a lower peak are dropped")
-    parser.add_argument("--max-seconds", type=float, default=None, help="refuse longer files")
-    parser.add_argument("--encoders", type=int, default=1, help="codec actors")
-    parser.add_argument("--encoder-cpus", type=float, default=1.0)
-    parser.add_argument("--encoder-gpus", type=float, default=0.0)
-    parser.add_argument("--read-cpus", type=float, default=1.0, help="CPUs per read/resample task")
-    parser.add_argument("--read-batch", type=int, default=8, help="files per read task")
-    parser.add_argument("--encode-batch", type=int, default=16, help="segments per codec batch and output shard")
-    parser.add_argument("--retry-errors", action="store_true", help="read again the files listed in errors/")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
+    add_options(parser, EncodeOptions, exclude=("manifest", "output", "storage_options"))
+    _storage_option_argument(parser)
 
 
 @command("encode", _encode_arguments)
 def run_encode_command(args: argparse.Namespace) -> int:
     """Encode (audio, caption) pairs into codec-token Parquet shards for training, with Ray Data."""
+    from audiogen.cli_options import from_args
     from pipelines.encode import EncodeOptions, run_encode
 
     try:
-        summary = run_encode(EncodeOptions(
-            manifest=args.manifest, output=args.output, codec=args.codec, segment_seconds=args.segment_seconds,
-            pad_last=args.pad_last, min_seconds=args.min_seconds, silence_db=args.silence_db,
-            max_seconds=args.max_seconds, read_batch=args.read_batch, encode_batch=args.encode_batch,
-            encoders=args.encoders, encoder_cpus=args.encoder_cpus, encoder_gpus=args.encoder_gpus,
-            read_cpus=args.read_cpus, retry_errors=args.retry_errors,
-            storage_options=_storage_options(args.storage_option), progress=not args.no_progress))
+        summary = run_encode(from_args(EncodeOptions, args, manifest=args.manifest, output=args.output,
+                                       storage_options=_storage_options(args.storage_option)))
     except (ValueError, FileNotFoundError) as error:
         print(f"audiogen encode: error: {error}", file=sys.stderr)
         return 2

@@ -33,11 +33,9 @@ skipped too (their problems are properties of the files) unless `retry_errors`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from audiogen.data.manifest import load_manifest
+from pipelines.job import ensure_ray, fetch_model, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +64,25 @@ ERRORS_SCHEMA = pa.schema([
 class EncodeOptions:
     manifest: str
     output: str
-    codec: str = "default"  # "default" (the embedded demo model's), "tiny[:SEED]", a codec or model directory
-    segment_seconds: float = 10.0
-    pad_last: bool = True
-    min_seconds: float = 1.0
-    silence_db: float = -60.0
-    max_seconds: float | None = None  # refuse files (spans) longer than this
-    read_batch: int = 8  # files per read task
-    encode_batch: int = 16  # segments per codec batch = per output shard
-    encoders: int = 1  # actors in the encoder pool
-    encoder_cpus: float = 1.0
-    encoder_gpus: float = 0.0
-    read_cpus: float = 1.0
-    read_memory_mb: int = 512  # memory reserved per read task (decoded audio of `read_batch` files)
-    retry_errors: bool = False
+    codec: str = field(default="default", metadata={
+        "help": "codec: 'default' (the embedded demo model's), 'tiny[:SEED]', an EnCodec or model directory"})
+    segment_seconds: float = field(default=10.0, metadata={"help": "segment length (whole codec frames)"})
+    pad_last: bool = field(default=True, metadata={
+        "help": "zero-pad the last short segment and mask its padding in training (--no-pad-last drops it)"})
+    min_seconds: float = field(default=1.0, metadata={"help": "shortest usable (last) segment"})
+    silence_db: float = field(default=-60.0, metadata={"help": "segments with a lower peak are dropped"})
+    max_seconds: float | None = field(default=None, metadata={"help": "refuse files (spans) longer than this"})
+    read_batch: int = field(default=8, metadata={"help": "files per read task"})
+    encode_batch: int = field(default=16, metadata={"help": "segments per codec batch and output shard"})
+    encoders: int = field(default=1, metadata={"help": "codec actors"})
+    encoder_cpus: float = field(default=1.0, metadata={"help": "CPUs per codec actor"})
+    encoder_gpus: float = field(default=0.0, metadata={"help": "GPUs per codec actor"})
+    read_cpus: float = field(default=1.0, metadata={"help": "CPUs per read/resample task"})
+    read_memory_mb: int = field(default=512, metadata={
+        "help": "memory reserved per read task (decoded audio of --read-batch files)"})
+    retry_errors: bool = field(default=False, metadata={"help": "read again the files listed in errors/"})
     storage_options: dict[str, Any] = field(default_factory=dict)
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"help": "Ray Data progress bars"})
 
     def __post_init__(self) -> None:
         if not (self.segment_seconds > 0 and math.isfinite(self.segment_seconds)):
@@ -110,11 +112,6 @@ class CodecInfo:
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers (no Ray): manifest, segmenting, the codes table format
 # ---------------------------------------------------------------------------------------------------------------
-def part_name(keys: list[str]) -> str:
-    """Deterministic shard name from the ids it holds: a retried batch overwrites its own shard."""
-    return "part-" + hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:24] + ".parquet"
-
-
 def segment_key(source: str, segment: int) -> str:
     return f"{source}#{int(segment)}"
 
@@ -222,33 +219,15 @@ def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
                     schema=ERRORS_SCHEMA)
 
 
-def local_model(spec: str, storage_options: dict[str, Any] | None = None) -> str:
-    """`tiny[:SEED]` or a local directory as is, `default` as the embedded demo model's directory; a remote
-    (`s3://`) model directory copied to a local cache."""
-    from audiogen.defaults import resolve_model_spec
-
-    spec = resolve_model_spec(spec)
-    if spec == "tiny" or spec.startswith("tiny:") or "://" not in spec:
-        return spec
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-    cache = os.path.join(os.path.expanduser("~/.cache/audiogen/models"), hashlib.sha256(spec.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(cache, ".complete")):
-        fs.get(path.rstrip("/") + "/", cache, recursive=True)
-        open(os.path.join(cache, ".complete"), "w").close()
-    return cache
-
-
 def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
-    """`default` (the embedded demo model's), `tiny` / `tiny:SEED` (the codec of `audiogen.testing.tiny_model`),
+    """`default` (the embedded demo model's), `tiny` / `tiny:SEED` (the codec of `audiogen.scratch.random_model`),
     an EnCodec directory (`Codec.save_pretrained`), or a model directory of any supported format (its codec);
     local or s3://."""
     from pathlib import Path
 
     from audiogen.codec import Codec
 
-    spec = local_model(spec, storage_options)
+    spec = fetch_model(spec, storage_options)
     if spec == "tiny" or spec.startswith("tiny:"):
         from audiogen.config import AudioGenConfig
         from audiogen.scratch import random_codec
@@ -313,8 +292,8 @@ def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo
             out["n_frames"].append(segment.n_frames)
             out["audio"].append(segment.audio)
     if errors:
-        Storage(options.output, options.storage_options).write_table(
-            f"errors/{part_name([e['id'] for e in errors])}", errors_table(errors))
+        Storage(options.output, options.storage_options).write_part("errors", [e["id"] for e in errors],
+                                                                    errors_table(errors))
     result = {name: np.asarray(values, dtype=object if name in ("id", "caption", "path", "split") else None)
               for name, values in out.items() if name != "audio"}
     result["segment"] = np.asarray(out["segment"], dtype=np.int32)
@@ -373,11 +352,11 @@ class SegmentEncoder:
         shard = ""
         if good:
             kept = [rows[i] for i in good]
-            shard = part_name([segment_key(r["id"], r["segment"]) for r in kept])
-            self.storage.write_table(f"codes/{shard}", codes_table(kept, np.stack(codes), self.checksum))
+            shard = self.storage.write_part("codes", [segment_key(r["id"], r["segment"]) for r in kept],
+                                            codes_table(kept, np.stack(codes), self.checksum))
         if errors:
-            self.storage.write_table(f"errors/{part_name([segment_key(e['id'], e['segment']) for e in errors])}",
-                                     errors_table(errors))
+            self.storage.write_part("errors", [segment_key(e["id"], e["segment"]) for e in errors],
+                                    errors_table(errors))
         return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(good)], dtype=np.int64),
                 "errors": np.asarray([len(errors)], dtype=np.int64)}
 
@@ -433,9 +412,7 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
 
     counts = {"segments": 0, "shards": 0, "encode_errors": 0}
     if todo.num_rows:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+        ensure_ray()
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
         for batch in _dataset(options, info, todo, partial).iter_batches(batch_size=None, batch_format="pyarrow"):
             counts["segments"] += sum(batch["segments"].to_pylist())
@@ -456,7 +433,7 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
         "wall_seconds": round(time.perf_counter() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    storage.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
+    write_summary(storage, "summary.json", summary)
     return summary
 
 

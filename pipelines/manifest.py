@@ -1,13 +1,22 @@
-"""Render manifests: read prompt rows, fill job defaults, give every row a stable id and seed, find bad rows.
+"""Render manifests: prompt rows -> planned rows (stable id and seed, sampling parameters, what to do with the row).
 
-A manifest is Parquet with a required `prompt` column and optional `id`, `negative_prompt`, `duration`, `seed`,
-`temperature`, `top_k`, `top_p`, `guidance_scale` columns. Planning happens on the driver, streaming the files
-with pyarrow (a few hundred bytes per row: a million rows plan in seconds), so that row order is known: among
-rows sharing an id the first in manifest order (files sorted by name) is rendered and the others are errors.
+A manifest is Parquet with a required `prompt` column and optional `id`, `duration`, `negative_prompt`, `seed`,
+`temperature`, `top_k`, `top_p`, `guidance_scale` columns. Each row becomes a `SamplingParams` (job defaults via
+`with_defaults`) plus its duration; a row without an id gets one from its parameters and a row without a seed
+gets one from its id, so a rerun maps every row to the same clip. What needs no model is checked here
+(`audiogen.validation`); limits that depend on the model (maximum duration, codebook size) are checked by the
+engine in the render actors. A bad row becomes an error record in-band (status `invalid`, the field and the
+limit in its message): it never stops the stream.
 
-Only what needs no model is checked here (types, NaN, empty text, non-positive durations); limits that depend
-on the model (maximum duration, codebook size) are checked by the engine in the render actors, with the same
-error messages as everywhere else.
+`plan_manifest` is the ordered part: one Ray Data task reads the files in name order, row group by row group,
+numbers the rows, normalises them, and marks the rows whose id an earlier row already has (first occurrence
+wins) and those already committed by an earlier run (`done`, folded into one counting record per block). Being
+one sequential task is what makes "first" and the row numbers exact without a shuffle or a driver pass: the rows
+stream on as they are planned, so the first clip renders seconds after the start whatever the manifest's size.
+Its state is the ids seen and the ids committed (about 100-150 bytes per row, in the task's worker on the
+driver's node, never on the driver); if the task is retried it replays the same blocks, because planning is
+deterministic. Normalising costs ~25-40 us per row on one core, so the planner keeps up with any cluster
+rendering fewer than ~25,000 clips per second.
 """
 
 from __future__ import annotations
@@ -16,62 +25,27 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
-from pipelines.storage import arrow_filesystem, expand_inputs
+from audiogen.errors import InvalidRequestError
+from audiogen.sampling_params import FIELDS, MAX_SEED, SamplingParams
+from audiogen.validation import check_number, check_text
 
-PARAMETERS = ("negative_prompt", "duration", "seed", "temperature", "top_k", "top_p", "guidance_scale")
-MAX_SEED = 2**63 - 1
+MANIFEST_COLUMNS = ("id", "prompt", "duration", *FIELDS)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
-
-@dataclass(frozen=True)
-class RowDefaults:
-    """Job-level values for columns a manifest leaves out (None = the model's own default)."""
-
-    negative_prompt: str | None = None
-    duration: float | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance_scale: float | None = None
-
-
-@dataclass
-class PlannedRow:
-    id: str
-    file_stem: str
-    prompt: str
-    negative_prompt: str | None
-    duration: float | None
-    seed: int
-    temperature: float | None
-    top_k: int | None
-    top_p: float | None
-    guidance_scale: float | None
-    row: int  # position in the manifest (files in name order)
-    source: str
-
-
-@dataclass
-class RowError:
-    id: str
-    row: int
-    source: str
-    field: str
-    error_type: str
-    message: str
-    row_json: str
-
-
-class RowInvalid(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {message}")
+PLAN_SCHEMA = pa.schema([
+    ("id", pa.string()), ("file_stem", pa.string()), ("prompt", pa.string()), ("duration", pa.float64()),
+    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()),
+    ("top_p", pa.float64()), ("guidance_scale", pa.float64()),
+    ("row", pa.int64()), ("source", pa.string()),  # position in the manifest (files in name order)
+    ("status", pa.string()),  # todo | done | invalid (later also rendered | failed)
+    ("skipped", pa.int64()),  # a `done` record stands for this many committed rows (see `fold_done`)
+    ("error_field", pa.string()), ("error_type", pa.string()), ("error", pa.string()), ("row_json", pa.string()),
+])
 
 
 def stable_id(prompt: str, params: dict[str, Any]) -> str:
@@ -94,139 +68,125 @@ def file_stem(row_id: str) -> str:
     return safe
 
 
-def _text(field: str, value: Any, *, required: bool) -> str | None:
-    if value is None:
-        if required:
-            raise RowInvalid(field, "is missing")
-        return None
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise RowInvalid(field, f"is not valid UTF-8 text ({error.reason} at byte {error.start})") from None
-    if not isinstance(value, str):
-        raise RowInvalid(field, f"must be text, got {type(value).__name__}")
-    if "\x00" in value:
-        raise RowInvalid(field, "contains a NUL character")
-    if required and not value.strip():
-        raise RowInvalid(field, "is empty (a non-empty description is required)")
-    return value
-
-
-def _number(field: str, value: Any, *, integer: bool = False, positive: bool = False) -> float | int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowInvalid(field, f"must be a number, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RowInvalid(field, f"is {value} (must be finite)")
-    if integer:
-        if isinstance(value, float) and not value.is_integer():
-            raise RowInvalid(field, f"must be an integer, got {value}")
-        value = int(value)
-    if positive and value <= 0:
-        raise RowInvalid(field, f"is {value} (must be > 0)")
-    return value
-
-
 def _row_id(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise RowInvalid("id", f"must be text or an integer, got {type(value).__name__}")
-    text = str(value)
-    if not text.strip():
-        raise RowInvalid("id", "is empty")
-    return text
+        raise InvalidRequestError("id", f"must be text or an integer, got {type(value).__name__}")
+    return check_text("id", str(value), required=True)
 
 
-def normalize_row(values: dict[str, Any], defaults: RowDefaults) -> tuple[str | None, dict[str, Any]]:
-    """(given id or None, prompt + parameters with defaults applied); raises RowInvalid naming the field."""
+def normalize_row(values: dict[str, Any], defaults: SamplingParams, duration: float | None = None) -> dict[str, Any]:
+    """A manifest row -> its planned fields (id, file_stem, prompt, duration, sampling parameters with `defaults`
+    applied and the seed filled); raises `InvalidRequestError` naming the field and the limit."""
     given_id = _row_id(values.get("id"))
-    prompt = _text("prompt", values.get("prompt"), required=True)
-    params: dict[str, Any] = {
-        "negative_prompt": _text("negative_prompt", values.get("negative_prompt"), required=False),
-        "duration": _number("duration", values.get("duration"), positive=True),
-        "seed": _number("seed", values.get("seed"), integer=True),
-        "temperature": _number("temperature", values.get("temperature")),
-        "top_k": _number("top_k", values.get("top_k"), integer=True),
-        "top_p": _number("top_p", values.get("top_p")),
-        "guidance_scale": _number("guidance_scale", values.get("guidance_scale")),
-    }
-    if params["seed"] is not None and not 0 <= params["seed"] <= MAX_SEED:
-        raise RowInvalid("seed", f"is {params['seed']} (allowed: 0..{MAX_SEED})")
-    for name, default in asdict(defaults).items():
-        if params[name] is None:
-            params[name] = default
-    return given_id, {"prompt": prompt, **params}
+    prompt = check_text("prompt", values.get("prompt"), required=True)
+    seconds = check_number("duration", values.get("duration"), low=0.0, high=math.inf, low_open=True,
+                           limit="duration > 0 s, at most the model's maximum")
+    seconds = duration if seconds is None else seconds
+    sampling = SamplingParams.from_mapping(values).with_defaults(defaults)
+    row_id = given_id or stable_id(prompt, {"duration": seconds, **sampling.to_dict()})
+    if sampling.seed is None:
+        sampling = sampling.with_defaults(SamplingParams(seed=seed_for(row_id)))
+    return {"id": row_id, "file_stem": file_stem(row_id), "prompt": prompt, "duration": seconds,
+            **sampling.to_dict(), "status": "todo"}
 
 
-@dataclass
-class Plan:
-    rows: list[PlannedRow]
-    errors: list[RowError]
-    rows_read: int
+def normalize_table(table: pa.Table, defaults: SamplingParams, duration: float | None = None, *,
+                    first_row: int | None = None, source: str | None = None) -> pa.Table:
+    """Normalise every row of `table` (PLAN_SCHEMA); bad rows become `invalid` records naming field and limit.
+    `first_row` numbers the rows (manifest position) when the caller knows it."""
+    planned = []
+    for offset, values in enumerate(table.select([c for c in MANIFEST_COLUMNS if c in table.column_names])
+                                    .to_pylist()):
+        row = None if first_row is None else first_row + offset
+        try:
+            record = normalize_row(values, defaults, duration)
+        except InvalidRequestError as error:
+            try:
+                given_id = _row_id(values.get("id"))
+            except InvalidRequestError:
+                given_id = None
+            record = {"id": given_id or f"row-{row if row is not None else offset}", "status": "invalid",
+                      "error_field": error.field, "error_type": "InvalidRow", "error": str(error),
+                      "row_json": json.dumps(values, default=repr, ensure_ascii=False)}
+        planned.append({**record, "row": row, "source": source})
+    return pa.Table.from_pylist(planned, schema=PLAN_SCHEMA)
 
 
-def read_manifest(url: str, options: dict[str, Any] | None, defaults: RowDefaults, limit: int | None = None) -> Plan:
-    """Plan every row of the manifest(s) at `url` (file, directory/prefix or glob; local or s3://)."""
-    files = expand_inputs(url, options)
-    filesystem, _ = arrow_filesystem(url, options)
-    dataset = pads.dataset(files, format="parquet", filesystem=filesystem)
-    if "prompt" not in dataset.schema.names:
-        raise ValueError(f"manifest {url} has no 'prompt' column (columns: {dataset.schema.names})")
-    columns = [c for c in ("id", "prompt", *PARAMETERS) if c in dataset.schema.names]
-    rows: list[PlannedRow] = []
-    errors: list[RowError] = []
-    seen: dict[str, int] = {}
-    index = 0
-    for fragment in dataset.get_fragments():
-        for batch in fragment.to_batches(columns=columns):
-            for values in batch.to_pylist():
-                _plan_row(values, index, fragment.path, defaults, rows, errors, seen)
-                index += 1
-                if limit is not None and index >= limit:
-                    return Plan(rows, errors, index)
-    return Plan(rows, errors, index)
-
-
-def _plan_row(values: dict[str, Any], index: int, source: str, defaults: RowDefaults, rows: list[PlannedRow],
-              errors: list[RowError], seen: dict[str, int]) -> None:
-    try:
-        given_id = _row_id(values.get("id"))
-    except RowInvalid:
-        given_id = None
-    try:
-        given_id, params = normalize_row(values, defaults)
-        seed_given = params["seed"] is not None
-        row_id = given_id or stable_id(params["prompt"], {k: v for k, v in params.items() if k != "prompt"})
-        if row_id in seen:
-            raise RowInvalid("id", f"duplicate id {row_id!r}: row {seen[row_id]} of the manifest has it too and is "
+def claim_first(planned: pa.Table, first: dict[str, int], done: set[str] | frozenset[str]) -> pa.Table:
+    """Mark rows whose id an earlier row holds (`first`: id -> row, updated here) as `invalid` duplicates, and
+    rows whose id is committed (`done`) as `done`. Rows must come in manifest order."""
+    columns = {name: planned[name].to_pylist() for name in ("id", "row", "status", "error_field", "error_type",
+                                                             "error")}
+    for i, (row_id, row, status) in enumerate(zip(columns["id"], columns["row"], columns["status"])):
+        if status != "todo":
+            continue
+        holder = first.setdefault(row_id, row)
+        if holder != row:
+            columns["status"][i], columns["error_field"][i], columns["error_type"][i] = "invalid", "id", "DuplicateId"
+            columns["error"][i] = (f"id: duplicate id {row_id!r}: row {holder} of the manifest has it too and is "
                                    f"the one rendered")
-        seen[row_id] = index
-        if not seed_given:
-            params["seed"] = seed_for(row_id)
-        rows.append(PlannedRow(id=row_id, file_stem=file_stem(row_id), row=index, source=source, **params))
-    except RowInvalid as error:
-        errors.append(RowError(id=given_id or f"row-{index}", row=index, source=source, field=error.field,
-                               error_type="InvalidRow", message=str(error),
-                               row_json=json.dumps(values, default=repr, ensure_ascii=False)))
+        elif row_id in done:
+            columns["status"][i] = "done"
+    for name in ("status", "error_field", "error_type", "error"):
+        planned = planned.set_column(PLAN_SCHEMA.get_field_index(name), name, pa.array(columns[name], pa.string()))
+    return planned
 
 
-def rows_table(rows: list[PlannedRow]) -> pa.Table:
-    return pa.Table.from_pylist([asdict(r) for r in rows], schema=ROW_SCHEMA)
+def fold_done(planned: pa.Table) -> pa.Table:
+    """`planned` with its `done` rows folded into one `done` record that counts them (`skipped`): committed
+    rows need no render actor, only their place in the job's counts, so a rerun moves a record per block."""
+    import pyarrow.compute as pc
+
+    done = pc.equal(planned["status"], "done")
+    count = pc.sum(done).as_py() or 0
+    if not count:
+        return planned
+    record = pa.Table.from_pylist([{"status": "done", "skipped": count}], schema=PLAN_SCHEMA)
+    return pa.concat_tables([planned.filter(pc.invert(done)), record])
 
 
-def errors_table(errors: list[RowError]) -> pa.Table:
-    return pa.Table.from_pylist([asdict(e) for e in errors], schema=ERROR_SCHEMA)
+def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) -> None:
+    """Fail fast, on the driver, when the first manifest file cannot be read or has no `prompt` column."""
+    import pyarrow.parquet as pq
+
+    from pipelines.storage import arrow_filesystem
+
+    filesystem, _ = arrow_filesystem(url, storage_options)
+    with filesystem.open_input_file(files[0]) as handle:
+        names = pq.read_schema(handle).names
+    if "prompt" not in names:
+        raise ValueError(f"manifest {files[0]} has no 'prompt' column (columns: {names})")
 
 
-ROW_SCHEMA = pa.schema([
-    ("id", pa.string()), ("file_stem", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
-    ("duration", pa.float64()), ("seed", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()),
-    ("top_p", pa.float64()), ("guidance_scale", pa.float64()), ("row", pa.int64()), ("source", pa.string()),
-])
-ERROR_SCHEMA = pa.schema([
-    ("id", pa.string()), ("row", pa.int64()), ("source", pa.string()), ("field", pa.string()),
-    ("error_type", pa.string()), ("message", pa.string()), ("row_json", pa.string()),
-])
+def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: dict[str, Any],
+                  defaults: SamplingParams, duration: float | None, output: str | None, limit: int | None,
+                  rows_per_read: int) -> Iterator[pa.Table]:
+    """Ray Data generator (the single task of the planning stage): every row of `files` in order, planned;
+    rows committed in `output` by an earlier run are marked `done` (read here, never on the driver)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.commit import committed_ids
+    from pipelines.storage import Storage, arrow_filesystem
+
+    committed = set() if output is None else committed_ids(Storage(output, storage_options))
+    filesystem, _ = arrow_filesystem(url, storage_options)
+    first: dict[str, int] = {}
+    row = 0
+    for path in files:
+        with filesystem.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            if "prompt" not in names:
+                raise ValueError(f"manifest file {path} has no 'prompt' column (columns: {names})")
+            for batch in parquet.iter_batches(batch_size=rows_per_read,
+                                               columns=[c for c in MANIFEST_COLUMNS if c in names]):
+                if limit is not None:
+                    batch = batch.slice(0, limit - row)
+                planned = normalize_table(pa.Table.from_batches([batch]), defaults, duration, first_row=row,
+                                          source=path)
+                yield fold_done(claim_first(planned, first, committed))
+                row += batch.num_rows
+                if limit is not None and row >= limit:
+                    return

@@ -65,9 +65,6 @@ class Storage:
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self._full(relative))
 
-    def exists(self, relative: str) -> bool:
-        return self.fs.exists(self._full(relative))
-
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Names (relative to `prefix`) of the objects directly under `prefix` ending with `suffix`."""
         directory = self._full(prefix)
@@ -87,6 +84,15 @@ class Storage:
         pq.write_table(table, buffer)
         self.write_bytes(relative, buffer.getvalue())
 
+    def write_part(self, prefix: str, keys: list[str], table: pa.Table) -> str:
+        """Write `table` as `prefix/<part_name(keys)>` (the keys of its rows); returns the part's name. A retried
+        task writes the same rows under the same name: it overwrites its part instead of adding a copy."""
+        from pipelines.job import part_name
+
+        name = part_name(keys)
+        self.write_table(posixpath.join(prefix, name), table)
+        return name
+
     def read_tables(self, prefix: str, columns: list[str] | None = None) -> pa.Table | None:
         """All `*.parquet` parts under `prefix` as one table (None when there are none)."""
         tables = []
@@ -103,19 +109,3 @@ def arrow_filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[p
         return pyarrow.fs.LocalFileSystem(), path
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
-
-def expand_inputs(url: str, options: dict[str, Any] | None = None, suffix: str = ".parquet") -> list[str]:
-    """A file, a directory/prefix (every `suffix` file below it) or a glob -> sorted fsspec paths."""
-    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
-    if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [p for p in fs.find(path) if p.endswith(suffix)]
-    elif fs.exists(path):
-        found = [path]
-    else:
-        raise FileNotFoundError(f"input {url} does not exist")
-    files = sorted(p for p in found if not posixpath.basename(p).startswith(("_", ".")))
-    if not files:
-        raise FileNotFoundError(f"input {url} matches no {suffix} files")
-    return files

@@ -254,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from audiogen.train_loop import run
     from audiogen.training import (CaptionEncoder, TrainState, build_scratch_module, load_base_model,
                                    load_text_encoder_of, module_from_model)
-    from pipelines.encode import local_model
+    from pipelines.job import fetch_model
 
     options: TrainOptions = config["options"]
     model_config = AudioGenConfig.from_dict(config["model_config"])
@@ -265,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(options.cpus_per_worker)))
 
-    spec = local_model(options.model_spec, options.storage_options)
+    spec = fetch_model(options.model_spec, options.storage_options)
     if options.init is not None:  # fine-tune: the model's LM, projection, T5 and tokenizer
         base = load_base_model(spec)
         module = module_from_model(base)
@@ -340,14 +340,14 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from audiogen.training import load_base_model, scratch_config
-    from pipelines.encode import local_model
+    from pipelines.job import fetch_model
 
     started = time.perf_counter()
     options.training_config()  # validate before starting anything
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-    base = load_base_model(local_model(options.model_spec, options.storage_options))
+    base = load_base_model(fetch_model(options.model_spec, options.storage_options))
     model_config = base.config if options.init is not None else scratch_config(
         options.preset, base.config, base.text.text_dim, **options.overrides)
     files = data_files(options.data, options.storage_options)

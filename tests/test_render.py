@@ -1,8 +1,11 @@
-"""Batch rendering end to end on a local Ray instance: local files and moto S3, bad rows, resume, actor faults."""
+"""Batch rendering end to end on a local Ray instance: local files and moto S3, bad rows, resume, the processor
+API, and faults (a killed actor, a dead engine)."""
 
 import hashlib
 import io
 import json
+import os
+import signal
 import threading
 import time
 
@@ -11,9 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from audiogen.cli import main
 from audiogen.defaults import default_model_path
-from pipelines.manifest import RowDefaults
-from pipelines.render import RenderOptions, progress_actor_name, run_render
+from audiogen.sampling_params import SamplingParams
+from pipelines.job import progress_actor_name
+from pipelines.manifest import normalize_row
+from pipelines.processor import RenderConfig, RenderWorker, build_audio_processor
+from pipelines.render import RenderOptions, run_render
 from pipelines.storage import Storage
 
 GOOD = [
@@ -44,8 +51,8 @@ def _write_manifest(tmp_path, rows) -> str:
 
 
 def _options(manifest, output, **extra):
-    return RenderOptions(input=manifest, output=output, defaults=RowDefaults(duration=0.5), batch_size=2,
-                         batches_per_actor=2, max_batch_slots=4, progress=False, **extra)
+    return RenderOptions(input=manifest, output=output, duration=0.5, max_batch_slots=4, part_rows=4,
+                         progress=False, **extra)
 
 
 DEFAULT_MODEL_CONFIG = json.loads((default_model_path() / "config.json").read_text())["config"]
@@ -69,30 +76,32 @@ def _check_output(storage: Storage, expected_ids: set[str], expected_errors: set
     assert sorted(error_ids) == sorted(expected_errors), "errors table holds exactly the bad rows"
 
 
-def _expected_good_ids(manifest):
-    from pipelines.manifest import read_manifest
-
-    plan = read_manifest(manifest, None, RowDefaults(duration=0.5))
-    return {r.id for r in plan.rows if r.id != "too-long"}
+def _good_ids():
+    return {normalize_row(row, SamplingParams(), 0.5)["id"] for row in GOOD}
 
 
 @pytest.mark.slow
-def test_render_local_end_to_end_with_bad_rows(ray_local, tmp_path):
+def test_render_local_end_to_end_with_bad_rows(ray_local, tmp_path, capsys):
     manifest = _write_manifest(tmp_path, GOOD + BAD)
-    summary = run_render(_options(manifest, str(tmp_path / "out")))
-    storage = Storage(str(tmp_path / "out"))
-    good = _expected_good_ids(manifest)
-    _check_output(storage, good, {"empty", "negative", "too-long", "dog-1"})
-    errors = storage.read_tables("errors").to_pylist()
-    too_long = next(e for e in errors if e["id"] == "too-long")
+    output = str(tmp_path / "out")
+    # the first run through the CLI (exit code 1: some rows failed), the rerun through the Python API
+    assert main(["render", manifest, "-o", output, "--duration", "0.5", "--max-batch-slots", "4",
+                 "--part-rows", "2", "--no-progress"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    storage = Storage(output)
+    _check_output(storage, _good_ids(), {"empty", "negative", "too-long", "dog-1"})
+    errors = {e["id"]: e for e in storage.read_tables("errors").to_pylist()}
+    too_long = errors["too-long"]
     assert too_long["field"] == "duration" and f"<= {DEFAULT_MODEL_CONFIG['max_duration']:.1f} s" in too_long["message"]
+    assert errors["negative"]["field"] == "duration" and "allowed: duration > 0 s" in errors["negative"]["message"]
+    assert errors["dog-1"]["row"] == 8 and "row 0 of the manifest" in errors["dog-1"]["message"]
     assert summary["rows_read"] == 9 and summary["rows_rendered"] == 5 and summary["rows_failed"] == 4
     assert all(name.startswith(("dog-1", "rain_", "r-", "bell")) for name in storage.list("audio"))
-    assert storage.exists("_SUCCESS")
+    assert json.loads(storage.read_bytes("_SUCCESS"))["rows_rendered"] == 5
     # rerun of a finished job renders nothing (the engine-rejected row is tried again and fails again)
-    again = run_render(_options(manifest, str(tmp_path / "out")))
-    assert again["rows_rendered"] == 0 and again["rows_skipped_done"] == 5
-    _check_output(storage, good, {"empty", "negative", "too-long", "dog-1"})
+    again = run_render(_options(manifest, output))
+    assert again["rows_rendered"] == 0 and again["rows_skipped_done"] == 5 and again["rows_failed"] == 4
+    _check_output(storage, _good_ids(), {"empty", "negative", "too-long", "dog-1"})
 
 
 @pytest.mark.slow
@@ -108,37 +117,45 @@ def test_render_s3_end_to_end(ray_local, s3_bucket):
     metadata = out.read_tables("metadata")
     assert len(metadata) == 3
     _check_output(out, set(metadata["id"].to_pylist()), {"empty"})
+    again = run_render(_options(f"s3://{bucket}/manifests/", f"s3://{bucket}/renders", storage_options=options))
+    assert again["rows_skipped_done"] == 3 and again["rows_rendered"] == 0
 
 
 @pytest.mark.slow
 def test_resume_renders_only_the_rest_and_repairs_orphans(ray_local, tmp_path):
-    rows = [{"id": f"clip-{i}", "prompt": f"noise {i}", "duration": 0.3, "seed": i} for i in range(8)]
+    rows = [{"id": f"clip-{i}", "prompt": f"noise {i}", "duration": 0.3, "seed": i} for i in range(12)]
     manifest = _write_manifest(tmp_path, rows)
     output = str(tmp_path / "out")
-    first = run_render(_options(manifest, output, limit=4))  # a job stopped half-way
-    assert first["rows_rendered"] == 4
+    first = run_render(_options(manifest, output, limit=5))  # a job stopped part-way
+    assert first["rows_rendered"] == 5 and first["rows_read"] == 5
     storage = Storage(output)
     before = {name: (tmp_path / "out" / "audio" / name).stat().st_mtime_ns for name in storage.list("audio")}
-    # an orphan: audio of clip-7 written, but its metadata never committed (a crash between the two writes)
-    storage.write_bytes("audio/clip-7.wav", b"partial")
+    # an orphan: audio of clip-11 written, but its metadata never committed (a crash between the two writes)
+    storage.write_bytes("audio/clip-11.wav", b"partial")
     second = run_render(_options(manifest, output))
-    assert second["rows_rendered"] == 4 and second["rows_skipped_done"] == 4
+    assert second["rows_rendered"] == 7 and second["rows_skipped_done"] == 5
     after = {name: (tmp_path / "out" / "audio" / name).stat().st_mtime_ns for name in before}
     assert after == before, "committed clips are not written again"
-    _check_output(storage, {f"clip-{i}" for i in range(8)}, set())
-    assert storage.read_bytes("audio/clip-7.wav") != b"partial"
+    _check_output(storage, {f"clip-{i}" for i in range(12)}, set())
+    assert storage.read_bytes("audio/clip-11.wav") != b"partial"
+    parts = [len(pq.read_table(tmp_path / "out" / "metadata" / name)) for name in storage.list("metadata")]
+    assert sum(parts) == 12 and all(size >= 4 for size in parts[:-1]), "parts hold at least --part-rows rows"
+
+
+def _run_in_thread(options, **kwargs):
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(run_render(options, **kwargs)))
+    job.start()
+    return job, result
 
 
 @pytest.mark.slow
-def test_killing_a_model_actor_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path):
+def test_killing_a_render_actor_mid_job_loses_and_duplicates_nothing(ray_local, tmp_path):
     import ray
 
     rows = [{"id": f"k-{i}", "prompt": f"hum {i}", "duration": 1.5, "seed": i} for i in range(16)]
-    manifest = _write_manifest(tmp_path, rows)
     output = str(tmp_path / "out")
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.update(run_render(_options(manifest, output))))
-    job.start()
+    job, result = _run_in_thread(_options(_write_manifest(tmp_path, rows), output))
     killed = None
     deadline = time.time() + 120
     while killed is None and time.time() < deadline and job.is_alive():
@@ -147,13 +164,62 @@ def test_killing_a_model_actor_mid_job_loses_and_duplicates_nothing(ray_local, t
         except (ValueError, ray.exceptions.RayActorError):  # not started yet / job already over
             snapshot = {"rows": 0, "workers": {}}
         if snapshot["rows"] >= 2 and snapshot["workers"]:
-            killed = next(iter(snapshot["workers"].values()))
-            ray.kill(killed, no_restart=False)
+            killed = next(iter(snapshot["workers"].values()))["pid"]
+            os.kill(killed, signal.SIGKILL)  # the process dies as in a crash: Ray restarts the actor
         time.sleep(0.05)
     job.join(timeout=300)
     assert killed is not None, "the test must kill an actor while the job runs"
-    assert result["rows_rendered"] + result.get("rows_skipped_done", 0) >= 1
+    assert not job.is_alive() and result["rows_rendered"] == 16
     _check_output(Storage(output), {f"k-{i}" for i in range(16)}, set())
+
+
+class EngineFailsOnce(RenderWorker):
+    """The first actor's engine fails a decoding step after a few steps; its restarted successor works."""
+
+    def _start_engine(self) -> None:
+        super()._start_engine()
+        marker = os.path.join(self.config.output, "engine-failed-once")
+        if not os.path.exists(marker):
+            step, calls = self.engine.batch.step, []
+
+            def failing_step():
+                calls.append(1)
+                if len(calls) > 3:
+                    open(marker, "w").close()
+                    raise RuntimeError("injected step failure")
+                return step()
+
+            self.engine.batch.step = failing_step
+
+
+@pytest.mark.slow
+def test_a_dead_engine_restarts_its_actor_and_its_rows_are_retried(ray_local, tmp_path):
+    rows = [{"id": f"e-{i}", "prompt": f"buzz {i}", "duration": 0.4, "seed": i} for i in range(10)]
+    output = tmp_path / "out"
+    output.mkdir()
+    summary = run_render(_options(_write_manifest(tmp_path, rows), str(output)), worker=EngineFailsOnce)
+    assert (output / "engine-failed-once").exists(), "an engine step failed mid-job"
+    assert summary["rows_rendered"] == 10 and summary["rows_failed"] == 0
+    storage = Storage(str(output))
+    _check_output(storage, {f"e-{i}" for i in range(10)}, set())
+    assert len(set(storage.read_tables("metadata")["actor_id"].to_pylist())) == 1  # the same actor, restarted
+
+
+@pytest.mark.slow
+def test_processor_in_a_users_pipeline_keeps_their_columns(ray_local, tmp_path):
+    import ray
+
+    processor = build_audio_processor(RenderConfig(output=str(tmp_path / "clips"), max_batch_slots=2,
+                                                   sampling=SamplingParams(temperature=0.5)))
+    rows = ray.data.from_items([{"prompt": "a beep", "duration": 0.3, "seed": 3, "user": "a"},
+                                {"prompt": "", "duration": 0.3, "seed": 4, "user": "b"},
+                                {"prompt": "a hum", "duration": 45.0, "seed": 5, "user": "c"}])
+    out = {row["user"]: row for row in processor(rows).take_all()}
+    assert [out[u]["status"] for u in "abc"] == ["rendered", "invalid", "failed"]
+    assert out["a"]["temperature"] == 0.5 and out["a"]["seed"] == 3 and out["a"]["sample_rate"] == 16000
+    data = (tmp_path / "clips" / "audio" / out["a"]["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == out["a"]["sha256"]
+    assert out["b"]["error_field"] == "prompt" and out["c"]["error_field"] == "duration"
 
 
 @pytest.mark.slow
