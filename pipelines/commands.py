@@ -9,31 +9,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from audiogen.cli import command
 from audiogen.cli_options import add_options, from_args
-from audiogen.errors import InvalidRequestError
 
 
-def _storage_options(pairs: list[str]) -> dict[str, object]:
-    """`key=value` pairs for fsspec (e.g. endpoint_url=http://127.0.0.1:9000, anon=true)."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError("storage-option", f"{pair!r} is not key=value")
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
-
-
-def _storage_option_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec/s3fs option, repeatable (credentials also come from the usual AWS variables)")
+def _run_job(name: str, run: Callable[[], dict[str, Any]], exit_code: Callable[[dict[str, Any]], int]) -> int:
+    """Run a job; print its summary as JSON. Bad arguments or an unreadable input: a one-line error, exit 2."""
+    try:
+        summary = run()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"audiogen {name}: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return exit_code(summary)
 
 
 def _render_arguments(parser: argparse.ArgumentParser) -> None:
-    from audiogen.cli_options import add_options
     from audiogen.sampling_params import SamplingParams
     from pipelines.render import RenderOptions
 
@@ -43,29 +38,20 @@ def _render_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Parquet manifest: file, directory/prefix or glob, local or s3:// "
                              "(default: the embedded example manifest)")
     parser.add_argument("-o", "--output", default="renders", help="output directory or s3://bucket/prefix")
-    add_options(parser, RenderOptions, exclude=("input", "output", "sampling", "storage_options"))
+    add_options(parser, RenderOptions, exclude=("input", "output", "sampling"))
     add_options(parser.add_argument_group("job defaults for rows without a value"), SamplingParams,
                 exclude=("seed",))  # a row without a seed gets one from its id
-    _storage_option_argument(parser)
 
 
 @command("render", _render_arguments)
 def run_render_command(args: argparse.Namespace) -> int:
     """Render a prompt manifest to audio + metadata with Ray (local, or the cluster in RAY_ADDRESS)."""
-    from audiogen.cli_options import from_args
     from audiogen.sampling_params import SamplingParams
     from pipelines.render import RenderOptions, run_render
 
-    try:
-        options = from_args(RenderOptions, args, input=args.input or _example_manifest(), output=args.output,
-                            sampling=from_args(SamplingParams, args),
-                            storage_options=_storage_options(args.storage_option))
-        summary = run_render(options)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"audiogen render: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["rows_failed"] == 0 else 1
+    return _run_job("render", lambda: run_render(from_args(
+        RenderOptions, args, input=args.input or _example_manifest(), output=args.output,
+        sampling=from_args(SamplingParams, args))), lambda summary: 0 if summary["rows_failed"] == 0 else 1)
 
 
 def _example_manifest() -> str:
@@ -84,30 +70,21 @@ def _example_manifest() -> str:
 
 
 def _encode_arguments(parser: argparse.ArgumentParser) -> None:
-    from audiogen.cli_options import add_options
     from pipelines.encode import EncodeOptions
 
     parser.add_argument("manifest", help="Parquet or JSONL manifest (path/audio, caption, optional id, offset, "
                                          "duration, split), local or s3://")
     parser.add_argument("output", help="output directory or s3://bucket/prefix (codes/, errors/, summary.json)")
-    add_options(parser, EncodeOptions, exclude=("manifest", "output", "storage_options"))
-    _storage_option_argument(parser)
+    add_options(parser, EncodeOptions, exclude=("manifest", "output"))
 
 
 @command("encode", _encode_arguments)
 def run_encode_command(args: argparse.Namespace) -> int:
     """Encode (audio, caption) pairs into codec-token Parquet shards for training, with Ray Data."""
-    from audiogen.cli_options import from_args
     from pipelines.encode import EncodeOptions, run_encode
 
-    try:
-        summary = run_encode(from_args(EncodeOptions, args, manifest=args.manifest, output=args.output,
-                                       storage_options=_storage_options(args.storage_option)))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"audiogen encode: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return _run_job("encode", lambda: run_encode(from_args(EncodeOptions, args, manifest=args.manifest,
+                                                           output=args.output)), lambda summary: 0)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,14 +108,13 @@ def run_train_command(args: argparse.Namespace) -> int:
 
     training = {f.name: getattr(args, f.name) for f in fields(TrainingConfig)
                 if f.name not in ("max_steps", "seed") and getattr(args, f.name) is not None}
-    try:
+
+    def train() -> dict[str, Any]:
         summary = run_train(from_args(TrainOptions, args, data=args.data, training=training))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"audiogen train: error: {error}", file=sys.stderr)
-        return 2
-    summary.pop("history", None)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+        summary.pop("history", None)  # one row per logging window: in the checkpoint, not on the terminal
+        return summary
+
+    return _run_job("train", train, lambda summary: 0)
 
 
 def _help(cls: type, name: str) -> str:

@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from audiogen.data.manifest import load_manifest
 from pipelines.job import ensure_ray, fetch_model, write_summary
+from pipelines.storage import Storage, storage_options_field
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class EncodeOptions:
     read_memory_mb: int = field(default=512, metadata={
         "help": "memory reserved per read task (decoded audio of --read-batch files)"})
     retry_errors: bool = field(default=False, metadata={"help": "read again the files listed in errors/"})
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = storage_options_field()
     progress: bool = field(default=True, metadata={"help": "Ray Data progress bars"})
 
     def __post_init__(self) -> None:
@@ -258,7 +259,6 @@ def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo
                      partial: dict[str, list[int]]) -> dict[str, np.ndarray]:
     """Ray Data map task: read, resample and segment each file of `batch`; unusable files -> `errors/`."""
     from audiogen.io import read_audio
-    from pipelines.storage import Storage
 
     length = max(1, int(round(options.segment_seconds * info.frame_rate))) * info.hop_length
     out: dict[str, list[Any]] = {name: [] for name in ("id", "segment", "n_segments", "caption", "path", "split",
@@ -312,7 +312,6 @@ class SegmentEncoder:
     def __init__(self, options: EncodeOptions, checksum: str) -> None:
         import torch
 
-        from pipelines.storage import Storage
 
         threads = max(1, int(options.encoder_cpus))
         torch.set_num_threads(threads)
@@ -385,7 +384,6 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
     """Encode every not-yet-encoded file of the manifest; returns (and writes) the summary."""
     import ray
 
-    from pipelines.storage import Storage
 
     started = time.perf_counter()
     storage = Storage(options.output, options.storage_options)

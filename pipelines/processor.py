@@ -40,7 +40,7 @@ from audiogen.sampling_params import SamplingParams
 from audiogen.validation import check_integer
 from pipelines.job import fetch_model, progress_actor_name
 from pipelines.manifest import PLAN_SCHEMA, normalize_table
-from pipelines.storage import Storage
+from pipelines.storage import Storage, storage_options_field
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class RenderConfig:
     subtype: str | None = field(default=None, metadata={"help": "e.g. PCM_16, PCM_24, FLOAT, VORBIS"})
     duration: float | None = field(default=None, metadata={"help": "job default duration (s) for rows without one"})
     sampling: SamplingParams = field(default_factory=SamplingParams)  # job defaults for rows without a value
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = storage_options_field()
     min_actors: int = field(default=1, metadata={"help": "render actors the pool keeps"})
     max_actors: int = field(default=1, metadata={"help": "render actors the pool may scale up to"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per render actor"})

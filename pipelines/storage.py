@@ -20,6 +20,8 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from audiogen.options import option
+
 
 @dataclass
 class Storage:
@@ -109,3 +111,8 @@ def arrow_filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[p
         return pyarrow.fs.LocalFileSystem(), path
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
+
+def storage_options_field() -> Any:
+    """A job's `storage_options` option (`--storage-option KEY=VALUE` on its command line), declared once."""
+    return option(factory=dict, help="fsspec/s3fs option for s3:// paths (endpoint_url, anon ...); credentials "
+                                     "also come from the usual AWS variables")

@@ -38,6 +38,7 @@ from typing import Any
 
 from audiogen.config import PRESETS
 from audiogen.options import check_choices, option
+from pipelines.storage import storage_options_field
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class TrainOptions:
     skip_codec_check: bool = option(False, help="train even if the codes come from another codec than base's")
     export: str | None = option(None, help="save_pretrained destination of the trained model (local or s3://)")
     export_best: bool = option(False, help="export the best checkpoint by val_loss instead of the final one")
-    storage_options: dict[str, Any] = option(factory=dict, help="fsspec options of s3:// paths (endpoint_url, ...)")
+    storage_options: dict[str, Any] = storage_options_field()
     seed: int = option(0, help="seed of initialisation, shuffling and condition dropout")
 
     def __post_init__(self) -> None:
