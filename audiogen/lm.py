@@ -93,13 +93,15 @@ class Linear(nn.Linear):
     are bound by streaming the weights from memory. With this torch CPU build `F.linear` on 2-4 rows streams
     them at ~10 GB/s on a 2-core machine, while the same product with the weight as the left operand reaches
     ~40 GB/s (and is 1.1-1.3x faster at 16-64 rows): the small model's single-request step went from 137 ms to
-    about 80 ms. Training (grad enabled), GPUs, large products and cache-sized weights keep `F.linear`.
+    about 80 ms. Training (grad enabled), GPUs, large products and cache-sized weights keep `F.linear`, and so
+    does an ONNX export: a trace would freeze this path into the graph, where onnxruntime, which pre-packs a
+    constant right-hand weight, ran `W @ x.T` several times slower than the plain product.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if (x.device.type != "cpu" or torch.is_grad_enabled() or rows > CPU_FEW_ROWS
-                or self.weight.numel() < CPU_STREAMED_WEIGHT):
+                or self.weight.numel() < CPU_STREAMED_WEIGHT or torch.jit.is_tracing()):
             return F.linear(x, self.weight, self.bias)
         # Contiguous, as F.linear's output is: a transposed view would give scaled_dot_product_attention queries
         # with a strided head dimension, which sends it down the math path that copies all cached keys and values.
