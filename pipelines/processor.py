@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from audiogen.errors import InvalidRequestError
 from audiogen.io import SUPPORTED_FORMATS
+from audiogen.options import check_choices
 from audiogen.sampling_params import SamplingParams
 from audiogen.validation import check_integer
 from pipelines.job import fetch_model, progress_actor_name
@@ -82,8 +83,7 @@ class RenderConfig:
     num_gpus: float = field(default=0.0, metadata={"help": "GPUs per render actor (0 = CPU actors)"})
 
     def __post_init__(self) -> None:
-        if self.format not in SUPPORTED_FORMATS:
-            raise InvalidRequestError("format", f"{self.format!r} is not supported", limit=", ".join(SUPPORTED_FORMATS))
+        check_choices(self)  # format, backend, dtype
         check_integer("min_actors", self.min_actors, low=1, high=None)
         check_integer("max_actors", self.max_actors, low=self.min_actors, high=None, limit=">= min_actors")
         check_integer("max_batch_slots", self.max_batch_slots, low=1, high=None)
