@@ -45,11 +45,6 @@ class KVCache:
     def text_tokens(self) -> int:
         return self.text_keys.shape[3]
 
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.text_keys, self.text_values, self.text_mask)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     # ------------------------------------------------------------------ text (once per request)
     def store_text(self, rows: slice, text_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Write projected text keys/values [B, H, L, hd] per layer and the key mask [B, L] for `rows`."""
@@ -66,10 +61,14 @@ class KVCache:
         among them: the cache is sized for the longest prompt allowed (256 tokens for MusicGen), and attending
         over its masked tail would read the whole text cache every step for nothing (for a 4-layer, 32-row
         model it was as much memory traffic as all the weights)."""
-        length = max(1, int(self.text_lengths[rows].max(initial=0)))
+        length = self.text_length(rows)
         kv = [(self.text_keys[layer, rows, :, :length], self.text_values[layer, rows, :, :length])
               for layer in range(self.keys.shape[0])]
         return kv, self.text_mask[rows, :length]
+
+    def text_length(self, rows: slice) -> int:
+        """Text positions the longest prompt among `rows` uses (at least 1)."""
+        return max(1, int(self.text_lengths[rows].max(initial=0)))
 
     # ------------------------------------------------------------------ self-attention
     def write_prefix(self, layer: int, rows: slice, k: torch.Tensor,

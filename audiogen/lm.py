@@ -67,16 +67,19 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
-def split_heads(x: torch.Tensor, parts: int, num_heads: int) -> torch.Tensor:
-    """[B, S, parts * dim] -> a view [parts, B, H, S, head_dim] (fused projections: q/k/v, k/v, or q alone)."""
-    batch, length, _ = x.shape
-    return x.view(batch, length, parts, num_heads, -1).permute(2, 0, 3, 1, 4)
+def split_heads(x: torch.Tensor, shape: Sequence[int], parts: int, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """[B, S, parts * dim] -> `parts` views [B, H, S, head_dim] (fused projections: q/k/v, k/v, or q alone).
+
+    `shape` is (B, S), read once by `LanguageModel.run` for all layers: in an ONNX trace every read of a tensor's
+    shape becomes its own chain of shape operators, and a split along the heads axis is one operator where
+    unpacking a permuted [parts, ...] tensor is three per part."""
+    heads = x.view(*shape, parts * num_heads, -1).transpose(1, 2)
+    return heads.split(num_heads, dim=1) if parts > 1 else (heads,)
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, S, head_dim] -> [B, S, H * head_dim]."""
-    batch, _, length, _ = x.shape
-    return x.transpose(1, 2).reshape(batch, length, -1)
+def merge_heads(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """[B, H, S, head_dim] -> [B, S, H * head_dim], `shape` = (B, S) as for `split_heads`."""
+    return x.transpose(1, 2).reshape(*shape, -1)
 
 
 # `Linear`'s CPU inference path: at most this many rows (measured faster up to 64; larger products, as in prefill
@@ -120,12 +123,12 @@ class SelfAttention(nn.Module):
         self.in_proj = Linear(config.dim, 3 * config.dim, bias=config.bias_attn)
         self.out_proj = Linear(config.dim, config.dim, bias=config.bias_attn)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: LayerPast | None,
+    def forward(self, x: torch.Tensor, shape: Sequence[int], mask: torch.Tensor | None, past: LayerPast | None,
                 attend: Attend) -> torch.Tensor:
         """x [B, S, dim] -> [B, S, dim]; the new positions' keys/values [B, H, S, hd] go to `past`."""
-        q, k, v = split_heads(self.in_proj(x), 3, self.num_heads)
+        q, k, v = split_heads(self.in_proj(x), shape, 3, self.num_heads)
         keys, values = past(k, v) if past is not None else (k, v)
-        return self.out_proj(merge_heads(attend(q, keys, values, mask)))
+        return self.out_proj(merge_heads(attend(q, keys, values, mask), shape))
 
 
 class CrossAttention(nn.Module):
@@ -140,14 +143,14 @@ class CrossAttention(nn.Module):
 
     def project(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text [B, L, dim] -> keys, values [B, H, L, hd]."""
-        k, v = split_heads(self.kv_proj(text), 2, self.num_heads)
+        k, v = split_heads(self.kv_proj(text), text.shape[:2], 2, self.num_heads)
         return k, v
 
-    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                gate: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shape: Sequence[int], text_kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor, gate: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x [B, S, dim] -> [B, S, dim], attending to this layer's text keys/values [B, H, L, hd]."""
-        q = split_heads(self.q_proj(x), 1, self.num_heads)[0]
-        out = merge_heads(attend(q, text_kv[0], text_kv[1], mask))
+        q = split_heads(self.q_proj(x), shape, 1, self.num_heads)[0]
+        out = merge_heads(attend(q, text_kv[0], text_kv[1], mask), shape)
         return self.out_proj(out * gate.to(out.dtype))
 
 
@@ -173,17 +176,18 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, self_mask: torch.Tensor | None, past: LayerPast | None,
-                text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor, gate: torch.Tensor,
-                attend: Attend = sdpa) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shape: Sequence[int], self_mask: torch.Tensor | None,
+                past: LayerPast | None, text_kv: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor,
+                gate: torch.Tensor, attend: Attend = sdpa) -> torch.Tensor:
         """Hidden states [B, S, dim] of new positions -> their new hidden states.
 
-        self_mask: keys visible to each new position (None: causal from position 0); past: receives the new
-        positions' keys/values [B, H, S, hd] and returns the ones attended to (None: only the new ones); text_kv,
-        text_mask, gate: this layer's cross-attention keys/values and `text_attention_mask`.
+        shape: (B, S) of x (see `split_heads`); self_mask: keys visible to each new position (None: causal from
+        position 0); past: receives the new positions' keys/values [B, H, S, hd] and returns the ones attended to
+        (None: only the new ones); text_kv, text_mask, gate: this layer's cross-attention keys/values and
+        `text_attention_mask`.
         """
-        x = x + self.self_attn(self.self_attn_norm(x), self_mask, past, attend)
-        x = x + self.cross_attn(self.cross_attn_norm(x), text_kv, text_mask, gate, attend)
+        x = x + self.self_attn(self.self_attn_norm(x), shape, self_mask, past, attend)
+        x = x + self.cross_attn(self.cross_attn_norm(x), shape, text_kv, text_mask, gate, attend)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -230,9 +234,11 @@ class LanguageModel(nn.Module):
         """The one pass over the layers: tokens [B, K, S] at positions [B, S] (or [S]) -> hidden [B, S, dim]
         (see the module docstring for the uses)."""
         x = self.embed(tokens, positions)
+        shape = x.shape[:2]
         mask, gate = text_attention_mask(text_mask)
         for index, layer in enumerate(self.layers):
-            x = layer(x, self_mask, None if past is None else partial(past, index), text_kv[index], mask, gate, attend)
+            layer_past = None if past is None else partial(past, index)
+            x = layer(x, shape, self_mask, layer_past, text_kv[index], mask, gate, attend)
         return x
 
     # ------------------------------------------------------------------ whole sequences

@@ -122,20 +122,3 @@ class TextConditioner(nn.Module):
             self._cache[prompt] = (projected[index, :length].cpu(), attention[index, :length].bool().cpu())
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-
-    def clear_cache(self) -> None:
-        """Forget cached encodings (needed after the projection weights change, e.g. in training)."""
-        self._cache.clear()
-
-    def encode_for_training(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like `forward` but differentiable through the projection and without the cache (T5 stays frozen)."""
-        nonempty = [p if p.strip() else "" for p in prompts]
-        ids = self.token_ids(nonempty)
-        device = next(self.t5.parameters()).device
-        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        input_ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        with torch.no_grad():
-            hidden = self.t5(input_ids=input_ids, attention_mask=attention).last_hidden_state.float()
-        empty = torch.tensor([not p.strip() for p in prompts], device=device)
-        mask = attention.bool() & ~empty[:, None]
-        return self.output_proj(hidden) * mask[..., None], mask

@@ -50,9 +50,6 @@ class AudioDecoder:
     def threaded(self) -> bool:
         return self._thread is not None
 
-    def pending(self) -> int:
-        return self._jobs.qsize()
-
     def chunk(self, handle: RequestHandle, codes: torch.Tensor, skip_frames: int, emit_frames: int) -> None:
         """Decode `codes` and stream the samples of frames [skip, skip + emit) to the handle."""
         self._jobs.put(_Job(handle, codes, skip_frames, emit_frames))

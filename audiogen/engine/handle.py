@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,13 +23,6 @@ class Timings:
     admitted: float | None = None
     first_chunk: float | None = None
     finished: float | None = None
-
-    def as_dict(self) -> dict[str, float | None]:
-        def since(t: float | None) -> float | None:
-            return None if t is None else t - self.submitted
-
-        return {"queue_s": since(self.admitted), "first_chunk_s": since(self.first_chunk),
-                "latency_s": since(self.finished)}
 
 
 @dataclass
@@ -114,7 +106,3 @@ class RequestHandle:
         if self.on_chunk is not None:
             self.on_chunk(None)
             self.on_chunk = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "slot": self.slot, "cancelled": self.cancelled,
-                "timings": self.timings.as_dict()}

@@ -15,7 +15,6 @@ window continues in a new window that re-reads the last `window - stride` frames
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,15 +29,17 @@ from audiogen.sampling import apply_guidance, sample_tokens, sampling_plan, seed
 if TYPE_CHECKING:
     from audiogen.engine.request import ResolvedRequest
 
+INT_FIELDS = ("pos", "window_start", "window_len", "settled", "total", "seed_key", "top_k")
 FLOAT_FIELDS = ("temperature", "top_p", "guidance")
 
 
-@dataclass
 class SlotState:
     """Per-slot scalars, one named array per field, kept on the host so the scheduler never waits on the device.
 
     `pos` is the slot's position in its current window of the delay pattern, `window_start`/`window_len` the
-    window's frames of the clip, `settled` the frames final from earlier windows, `total` the clip's frames.
+    window's frames of the clip, `settled` the frames final from earlier windows, `total` the clip's frames. The
+    named arrays are rows of one integer and one float block, so a step sends all of them to the device in two
+    copies and moving a slot is two column copies.
     """
 
     pos: np.ndarray
@@ -52,22 +53,22 @@ class SlotState:
     top_p: np.ndarray
     guidance: np.ndarray
 
-    @classmethod
-    def zeros(cls, slots: int) -> "SlotState":
-        return cls(**{f.name: np.zeros(slots, dtype=np.float32 if f.name in FLOAT_FIELDS else np.int64)
-                      for f in fields(cls)})
+    def __init__(self, slots: int) -> None:
+        self._blocks = ((INT_FIELDS, np.zeros((len(INT_FIELDS), slots), dtype=np.int64)),
+                        (FLOAT_FIELDS, np.zeros((len(FLOAT_FIELDS), slots), dtype=np.float32)))
+        for names, block in self._blocks:
+            for name, row in zip(names, block):
+                setattr(self, name, row)
 
     def copy_slot(self, src: int, dst: int) -> None:
-        for f in fields(self):
-            getattr(self, f.name)[dst] = getattr(self, f.name)[src]
+        for _, block in self._blocks:
+            block[:, dst] = block[:, src]
 
     def on_device(self, count: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Slots 0..count-1 of every field as tensors, in one host-to-device copy per dtype (a step needs all)."""
+        """Slots 0..count-1 of every field as tensors, in one host-to-device copy per block (a step needs all)."""
         result: dict[str, torch.Tensor] = {}
-        integers = tuple(f.name for f in fields(self) if f.name not in FLOAT_FIELDS)
-        for group in (integers, FLOAT_FIELDS):
-            packed = torch.from_numpy(np.stack([getattr(self, name)[:count] for name in group])).to(device)
-            result.update(zip(group, packed.unbind(0)))
+        for names, block in self._blocks:
+            result.update(zip(names, torch.from_numpy(block[:, :count].copy()).to(device).unbind(0)))
         return result
 
 
@@ -95,7 +96,7 @@ class SlotBatch:
                              text_tokens=config.max_text_tokens, device=device, dtype=dtype)
         self.codes = torch.zeros((max_slots, config.num_codebooks, max_frames), dtype=torch.long, device=device)
         self.known = torch.zeros((max_slots, max_frames), dtype=torch.bool, device=device)
-        self.state = SlotState.zeros(max_slots)
+        self.state = SlotState(max_slots)
         self.owners: list[Any] = []
         self._lm_step: Callable[..., torch.Tensor] = torch.compile(lm.step, dynamic=True) if compile else lm.step
 

@@ -35,13 +35,6 @@ class EngineStats:
         """Average active slots per step (what continuous batching keeps high)."""
         return self.occupied_slot_steps / self.steps if self.steps else 0.0
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {"submitted": self.submitted, "admitted": self.admitted, "finished": self.finished,
-                "cancelled": self.cancelled, "rejected": self.rejected, "steps": self.steps,
-                "step_seconds": self.step_seconds, "audio_seconds": self.audio_seconds,
-                "mean_occupancy": self.mean_occupancy, "max_occupancy": self.max_occupancy,
-                "max_slots": self.max_slots}
-
 
 @dataclass(frozen=True)
 class EngineSnapshot:

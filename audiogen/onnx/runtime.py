@@ -208,11 +208,6 @@ class OnnxTextConditioner(nn.Module):
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= old.numel() * old.element_size()
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-            self._cached_bytes = 0
-
 
 # ---------------------------------------------------------------------------------------------------------------
 class OnnxLanguageModel(nn.Module):
@@ -265,13 +260,13 @@ class OnnxLanguageModel(nn.Module):
 
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: np.ndarray, past_values: np.ndarray,
              cache: KVCache, rows: slice) -> list[np.ndarray]:
-        text_kv, mask = cache.text_view(rows)
+        length = cache.text_length(rows)  # as `KVCache.text_view` cuts it, with all layers in one tensor
         feeds = {
             "tokens": _array(tokens, np.int64), "positions": _array(positions, np.int64),
             "past_keys": past_keys, "past_values": past_values,
-            "cross_keys": _array(torch.stack([k for k, _ in text_kv])),
-            "cross_values": _array(torch.stack([v for _, v in text_kv])),
-            "cross_mask": _array(mask, np.bool_),
+            "cross_keys": _array(cache.text_keys[:, rows, :, :length]),
+            "cross_values": _array(cache.text_values[:, rows, :, :length]),
+            "cross_mask": _array(cache.text_mask[rows, :length], np.bool_),
         }
         return self.sessions.step.run(None, feeds)
 
