@@ -63,7 +63,6 @@ class LoadedModel:
     model: AudioGen
     engine: Engine
     info: dict[str, Any]
-    max_upload_seconds: float
     closed: bool = False
 
     def check_room(self) -> None:
@@ -74,7 +73,7 @@ class LoadedModel:
 
     def prepare_edit(self, body: ContinueBody | InpaintBody, upload: bytes, request_id: str | None) -> AudioEdit:
         """Decode the upload, build the mask, encode the codes (blocking: run in a worker thread)."""
-        audio, rate = read_audio(upload, max_seconds=self.max_upload_seconds)
+        audio, rate = read_audio(upload, max_seconds=self.info["limits"]["max_upload_seconds"])
         if isinstance(body, InpaintBody):
             mask = sample_mask(body.mask, audio.shape[-1], rate, self.model.sample_rate, self.model.codec.hop_length)
             return self.model.inpaint_request(audio, rate, mask, body.prompt, sampling=body.sampling(),
@@ -116,20 +115,6 @@ def describe(model_id: str, model: AudioGen, settings: AppSettings) -> dict[str,
             "dtype": m["dtype"], "defaults": m["defaults"], "limits": limits}
 
 
-class _WavStream:
-    """WAV header, then PCM: the streaming counterpart of `OggStreamEncoder` (same feed/close)."""
-
-    def __init__(self, sample_rate: int, channels: int) -> None:
-        self._header = wav_stream_header(sample_rate, channels)
-
-    def feed(self, audio: np.ndarray) -> bytes:
-        data, self._header = self._header + pcm_bytes(audio), b""
-        return data
-
-    def close(self) -> bytes:
-        return b""
-
-
 class AudioGenEngine:
     """An engine replica (deployed by `pipelines.serving.app`). A plain importable class, so that Ray pickles it
     by reference and the replica runs this module's code."""
@@ -167,7 +152,7 @@ class AudioGenEngine:
                                     compile=s.compile, stream_chunk_frames=s.stream_chunk_frames)
         info = describe(model_id, model, s)
         log.info("replica %s loaded model %s (%s) on %s", self._replica, model_id, info["name"], self.device)
-        return LoadedModel(model_id, model, engine, info, info["limits"]["max_upload_seconds"])
+        return LoadedModel(model_id, model, engine, info)
 
     # ------------------------------------------------------------------ the handle API
     async def generate(self, body: GenerateBody | dict[str, Any], request_id: str | None = None) -> Clip:
@@ -191,15 +176,17 @@ class AudioGenEngine:
             first = await self._answer(anext(chunks), deadline)
             yield StreamHead(SUPPORTED_FORMATS[fmt].mime_type,
                              loaded.headers(request.request_id, request.sampling.seed, fmt))
-            encoder = _WavStream(loaded.info["sample_rate"], first.shape[0]) if fmt == "wav" else \
-                OggStreamEncoder(loaded.info["sample_rate"], first.shape[0], fmt)
+            rate, channels = loaded.info["sample_rate"], first.shape[0]
+            ogg = OggStreamEncoder(rate, channels, fmt) if fmt != "wav" else None
+            if ogg is None:  # WAV: a header without a length, then plain PCM
+                yield wav_stream_header(rate, channels)
             chunk: np.ndarray | None = first
             while chunk is not None:
-                if data := await asyncio.to_thread(encoder.feed, chunk):
+                if data := await asyncio.to_thread(ogg.feed if ogg else pcm_bytes, chunk):
                     yield data
                 async with asyncio.timeout_at(deadline):  # never across a yield: the timeout cancels this task
                     chunk = await anext(chunks, None)
-            if data := await asyncio.to_thread(encoder.close):
+            if ogg and (data := await asyncio.to_thread(ogg.close)):
                 yield data
 
     async def continue_audio(self, body: ContinueBody | dict[str, Any], audio: bytes,
