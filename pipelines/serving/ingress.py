@@ -30,9 +30,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from audiogen.errors import InvalidRequestError
 
 from pipelines.serving.metrics import AUDIO_ROUTES, HttpMetrics, node_metrics_url, scrape
-from pipelines.serving.replica import unknown_model
+from pipelines.serving.replica import resolve_model
 from pipelines.serving.schemas import ApiError, ContinueBody, GenerateBody, InpaintBody, api_error, busy, detail
-from pipelines.serving.settings import DEFAULT_MODEL_ID, AppSettings
+from pipelines.serving.settings import AppSettings
 from pipelines.serving.uploads import parse_multipart
 
 T = TypeVar("T")
@@ -171,16 +171,13 @@ class AudioGenIngress:
         return (await self._forward(call.remote(body, audio, request_id(request)))).response()
 
     def _routed(self, body: T) -> T:
-        """`body` with its model id resolved: the body's `model`, else the serve_multiplexed_model_id header's,
-        else the default; unknown ids are refused here (422 naming `model`)."""
+        """`body` with its model id resolved (`resolve_model`: refused here when unknown); the body and the
+        serve_multiplexed_model_id header may not name two models."""
         named, header = body.model, serve.get_multiplexed_model_id()  # type: ignore[attr-defined]
         if named and header and named != header:
             raise InvalidRequestError("model", f"the body names {named!r}, the header {header!r}",
                                       limit="one model per request")
-        model_id = named or header or DEFAULT_MODEL_ID
-        if model_id not in self.models:
-            raise unknown_model(model_id, self.models)
-        return body.model_copy(update={"model": model_id})  # type: ignore[attr-defined]
+        return body.model_copy(update={"model": resolve_model(named, self.models)})  # type: ignore[attr-defined]
 
     async def _forward(self, call: Awaitable[T]) -> T:
         """Await an engine call; full engine replicas (Serve's bound) become our 503 + Retry-After answer."""

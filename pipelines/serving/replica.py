@@ -45,8 +45,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def unknown_model(model_id: str, known: Iterable[str]) -> InvalidRequestError:
-    return InvalidRequestError("model", f"unknown model {model_id!r}", limit=", ".join(sorted(known)))
+def resolve_model(named: str | None, known: Iterable[str]) -> str:
+    """A request's model id: the one it names, else the serve_multiplexed_model_id header's, else the default;
+    unknown ids are refused (422 naming `model`)."""
+    model_id = named or serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
+    if model_id not in known:
+        raise InvalidRequestError("model", f"unknown model {model_id!r}", limit=", ".join(sorted(known)))
+    return model_id
 
 
 def engine_load(snapshots: Iterable[EngineSnapshot]) -> dict[str, float]:
@@ -225,7 +230,7 @@ class AudioGenEngine:
     async def _request(self, body: GenerateBody | dict[str, Any], request_id: str | None, draw_seed: bool = False
                        ) -> tuple[GenerationRequest, LoadedModel, str]:
         body = GenerateBody.model_validate(body)
-        loaded = await self._loaded_model(body.model)
+        loaded = await self._model(resolve_model(body.model, self.table))
         sampling = body.sampling()
         if draw_seed and sampling.seed is None:  # a stream's headers name the seed before the result exists
             sampling = replace(sampling, seed=secrets.randbits(63))
@@ -236,7 +241,7 @@ class AudioGenEngine:
     async def _edit(self, schema: type[ContinueBody | InpaintBody], body: Any, upload: bytes,
                     request_id: str | None) -> Clip:
         body = schema.model_validate(body)
-        loaded = await self._loaded_model(body.model)
+        loaded = await self._model(resolve_model(body.model, self.table))
         loaded.check_room()
         edit = await asyncio.to_thread(loaded.prepare_edit, body, upload, request_id)
         result = await loaded.engine.generate(edit.request)
@@ -247,12 +252,6 @@ class AudioGenEngine:
 
         data, seconds = await asyncio.to_thread(finish)
         return loaded.clip(data, body.format, result, seconds)
-
-    async def _loaded_model(self, model_id: str | None) -> LoadedModel:
-        model_id = model_id or serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
-        if model_id not in self.table:
-            raise unknown_model(model_id, self.table)
-        return await self._model(model_id)
 
     async def _answer(self, work: Awaitable[T], deadline: float | None = None) -> T:
         """`work` under the request timeout, its failures as `ApiError` (which pickles back to the caller)."""
