@@ -4,13 +4,8 @@ It answers `/healthz`, `/readyz`, `/v1/models`, `/v1/stats` and `/metrics` itsel
 `EngineBoard` and Ray's metrics export), so they are never queued behind generation: its `max_ongoing_requests`
 is far above what generation can hold in it (`pipelines.serving.app` checks). Generation requests are read
 (bounded), validated here (bad input never reaches an engine replica) and forwarded through a DeploymentHandle
-with the model id as `multiplexed_model_id`. The handle is bounded by the engine deployment's
-`max_ongoing_requests` per replica plus `max_queued_requests`, and beyond that refuses at once: 503 + Retry-After,
-never an unbounded wait.
-
-Every error has one JSON shape, `{"detail": [{field, message, limit}]}`, made by the exception handlers below: 422
-for bad input (pydantic, `SamplingParams`, engine checks), 413 for oversized bodies, 503 + Retry-After when full
-or not ready, 504 on timeout.
+with the model id as `multiplexed_model_id`; a full handle refuses at once (503 + Retry-After). Every error has
+the JSON shape of `api`'s description below, made by the exception handlers.
 """
 
 from __future__ import annotations
@@ -162,7 +157,6 @@ class AudioGenIngress:
     async def inpaint(self, request: Request) -> Response:
         return await self._edit(request, InpaintBody, "inpaint")
 
-    # ------------------------------------------------------------------ helpers
     async def _edit(self, request: Request, schema: type[ContinueBody | InpaintBody], method: str) -> Response:
         data = await read_body(request, self.settings.max_upload_bytes + MULTIPART_OVERHEAD)
         fields, audio = await asyncio.to_thread(parse_multipart, request.headers, data)

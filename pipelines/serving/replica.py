@@ -7,9 +7,8 @@ DeploymentHandle, and so can Python callers and batch jobs (README, "Online serv
 `{field, message, limit}` details. Decoding uploads, building masks, codec encoding and audio encoding (Ogg
 pages included) run in worker threads, so the event loop keeps answering while they run.
 
-Bounds: Serve's `max_ongoing_requests` caps what a replica holds; each engine holds `max_batch_slots` +
-`queue_per_engine` requests and refuses more with 503 + Retry-After. A model unloaded to make room for another
-(least recently used, beyond `max_models_per_replica`) stops its engine: its in-flight requests get 503.
+Bounds are `pipelines.serving.app`'s. A model unloaded to make room for another (least recently used, beyond
+`max_models_per_replica`) stops its engine: its in-flight requests get 503.
 """
 
 from __future__ import annotations
@@ -226,7 +225,6 @@ class AudioGenEngine:
         for loaded in getattr(self, "loaded", {}).values():
             loaded.close()
 
-    # ------------------------------------------------------------------ helpers
     async def _request(self, body: GenerateBody | dict[str, Any], request_id: str | None, draw_seed: bool = False
                        ) -> tuple[GenerationRequest, LoadedModel, str]:
         body = GenerateBody.model_validate(body)

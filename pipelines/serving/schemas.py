@@ -108,9 +108,7 @@ class InpaintBody(SamplingFields):  # type: ignore[misc, valid-type]
         return value
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Results (what engine replicas return to the ingress and to DeploymentHandle callers)
-# ---------------------------------------------------------------------------------------------------------------
+# Results: what engine replicas return to the ingress and to DeploymentHandle callers
 @dataclass(frozen=True)
 class Clip:
     """A finished clip, encoded: the HTTP answer's body, content type and `X-Audiogen-*` headers."""
@@ -132,9 +130,6 @@ class StreamHead:
     headers: dict[str, str]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------------------------
 class ApiError(Exception):
     """An answer other than 200 with the `{"detail": [{field, message, limit}]}` body. Engine replicas raise it
     (it pickles across Ray); DeploymentHandle callers catch it and read `status` and `details`."""
