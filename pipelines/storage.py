@@ -8,9 +8,7 @@ retried task overwrites instead of duplicating.
 from __future__ import annotations
 
 import io
-import os
 import posixpath
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +18,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from audiogen.io import _atomic_write_local
 from audiogen.options import option
 
 
@@ -44,22 +43,12 @@ class Storage:
         return posixpath.join(self.path, relative)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        """Atomic write: temp file + os.replace locally, a single PUT on object stores."""
-        target = self._full(relative)
+        """Atomic write: temp file + fsync + os.replace locally (as `audiogen.io.write_audio` does), a single PUT on
+        object stores."""
         if self.local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            temp = f"{target}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(temp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temp, target)
-            finally:
-                if os.path.exists(temp):
-                    os.remove(temp)
+            _atomic_write_local(self._full(relative), data)
         else:
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(self._full(relative), data)
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self._full(relative))
