@@ -148,11 +148,7 @@ class ServeConfig:
 
 
 def run_local(config: ServeConfig) -> None:
-    """Start Ray (local unless RAY_ADDRESS says otherwise) and Serve, deploy, and block until Ctrl-C."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    """Start Serve (and Ray, local unless RAY_ADDRESS says otherwise), deploy, and block until Ctrl-C."""
     serve.start(http_options=config.http)
     serve.run(make_app(config.args, config.deployments), name=config.name, route_prefix=config.route_prefix)
     print(f"audiogen serving on http://{config.http['host']}:{config.http['port']} (docs at /docs); Ctrl-C stops",

@@ -181,10 +181,6 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(cause, InvalidRequestError):
             details.append(detail(cause.field, str(cause), cause.limit))
             continue
-        if error.get("type") == "json_invalid":
-            details.append(detail("body", f"invalid JSON: {(error.get('ctx') or {}).get('error', '')}",
-                                  "a JSON object"))
-            continue
         # union members (list[tuple] | list[bool]) add their type names to the path: keep the user's names
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
         loc = [part for part in loc if not part.startswith(("list[", "tuple["))]
