@@ -50,13 +50,10 @@ class _Body(BaseModel):
         return self
 
 
-def _sampling_fields() -> dict[str, Any]:
-    hints = typing.get_type_hints(SamplingParams)
-    return {f.name: (hints[f.name], Field(f.default, description=f.metadata.get("help")))
-            for f in dataclasses.fields(SamplingParams)}
-
-
-SamplingFields = create_model("SamplingFields", __base__=_Body, **_sampling_fields())
+_SAMPLING_HINTS = typing.get_type_hints(SamplingParams)
+SamplingFields = create_model("SamplingFields", __base__=_Body, **{
+    f.name: (_SAMPLING_HINTS[f.name], Field(f.default, description=f.metadata.get("help")))
+    for f in dataclasses.fields(SamplingParams)})
 
 
 class GenerateBody(SamplingFields):  # type: ignore[misc, valid-type]
