@@ -225,6 +225,7 @@ class AudioGenEngine:
         for loaded in getattr(self, "loaded", {}).values():
             loaded.close()
 
+    # ------------------------------------------------------------------ helpers
     async def _request(self, body: GenerateBody | dict[str, Any], request_id: str | None, draw_seed: bool = False
                        ) -> tuple[GenerationRequest, LoadedModel, str]:
         body = GenerateBody.model_validate(body)
