@@ -88,10 +88,12 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
     from audiogen.training import TrainingConfig
     from pipelines.train import TrainOptions
 
-    parser.add_argument("data", help=_help(TrainOptions, "data"))
+    parser.add_argument("data", help=next(f.metadata["help"] for f in fields(TrainOptions) if f.name == "data"))
     add_options(parser, TrainOptions, exclude=("data", "training"))
     # TrainingConfig's fields, except those TrainOptions sets itself; warmup's default depends on --max-steps
     add_options(parser.add_argument_group("optimisation"), TrainingConfig, exclude=("max_steps", "seed"),
@@ -117,33 +119,17 @@ def run_train_command(args: argparse.Namespace) -> int:
     return _run_job("train", train, lambda summary: 0)
 
 
-def _help(cls: type, name: str) -> str:
-    """The help text a field of an options dataclass carries (for positional arguments declared by hand)."""
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
-
-
-class _UnsetFlagsAbsent:
-    """What `add_options` adds flags to: the parser, except that a flag left unset stays off the namespace (its
-    help still shows the dataclass default), so that the config file's value applies to it."""
-
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.parser = parser
-
-    def add_argument(self, *names: str, **options: object) -> argparse.Action:
-        action = self.parser.add_argument(*names, **options)
-        action.default = argparse.SUPPRESS
-        return action
-
-
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     from pipelines.serving.settings import AppSettings, LaunchOptions
 
     parser.add_argument("--config", default=None, help="Serve config file (default: ./serve_config.yaml if present, "
                                                        "else the same defaults built in); the flags below override it")
     for options in (LaunchOptions, AppSettings):
-        add_options(_UnsetFlagsAbsent(parser), options)  # type: ignore[arg-type]
+        add_options(parser, options)
+        # an unset flag is None (its help still shows the dataclass default), so the config file's value applies
+        parser.set_defaults(**{f.name: None for f in fields(options)})
 
 
 @command("serve", _serve_arguments)
@@ -156,7 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig.read(path) if path else ServeConfig()
 
     def unless_given(values: dict[str, object]) -> dict[str, object]:
-        return {key: value for key, value in values.items() if not hasattr(args, key)}
+        return {key: value for key, value in values.items() if getattr(args, key) is None}
 
     settings = from_args(AppSettings, args, **unless_given(AppSettings.from_args(config.args).as_args()))
     launch = from_args(LaunchOptions, args, **unless_given(config.launch_options()))

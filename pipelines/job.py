@@ -83,7 +83,7 @@ def fetch_model(spec: str, storage_options: dict[str, Any] | None = None, *, cac
     from audiogen.defaults import resolve_model_spec
 
     spec = resolve_model_spec(spec)
-    if spec == "tiny" or spec.startswith("tiny:") or "://" not in spec:
+    if "://" not in spec:  # tiny[:SEED] or a local directory
         return spec
     root = Path(cache).expanduser()
     target = root / hashlib.sha256(spec.encode()).hexdigest()[:16]

@@ -8,9 +8,7 @@ retried task overwrites instead of duplicating.
 from __future__ import annotations
 
 import io
-import os
 import posixpath
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +18,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from audiogen.io import _atomic_write_local
 from audiogen.options import option
 
 
@@ -37,32 +36,19 @@ class Storage:
 
     def url(self, *parts: str) -> str:
         """Full URL of a path under the root (for messages and metadata)."""
-        relative = posixpath.join(*parts) if parts else ""
-        if self.local:
-            return os.path.join(self.path, relative) if relative else self.path
-        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, (tuple, list)) else self.fs.protocol
-        return f"{protocol}://{posixpath.join(self.path, relative)}" if relative else f"{protocol}://{self.path}"
+        path = self._full(posixpath.join(*parts)) if parts else self.path
+        return path if self.local else self.fs.unstrip_protocol(path)
 
     def _full(self, relative: str) -> str:
-        return posixpath.join(self.path, relative) if not self.local else os.path.join(self.path, relative)
+        return posixpath.join(self.path, relative)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
-        """Atomic write: temp file + os.replace locally, a single PUT on object stores."""
-        target = self._full(relative)
+        """Atomic write: temp file + fsync + os.replace locally (as `audiogen.io.write_audio` does), a single PUT on
+        object stores."""
         if self.local:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            temp = f"{target}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(temp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temp, target)
-            finally:
-                if os.path.exists(temp):
-                    os.remove(temp)
+            _atomic_write_local(self._full(relative), data)
         else:
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(self._full(relative), data)
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self._full(relative))
@@ -81,26 +67,21 @@ class Storage:
         if self.fs.exists(directory):
             self.fs.rm(directory, recursive=True)
 
-    def write_table(self, relative: str, table: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        self.write_bytes(relative, buffer.getvalue())
-
     def write_part(self, prefix: str, keys: list[str], table: pa.Table) -> str:
         """Write `table` as `prefix/<part_name(keys)>` (the keys of its rows); returns the part's name. A retried
         task writes the same rows under the same name: it overwrites its part instead of adding a copy."""
         from pipelines.job import part_name
 
         name = part_name(keys)
-        self.write_table(posixpath.join(prefix, name), table)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(posixpath.join(prefix, name), buffer.getvalue())
         return name
 
     def read_tables(self, prefix: str, columns: list[str] | None = None) -> pa.Table | None:
         """All `*.parquet` parts under `prefix` as one table (None when there are none)."""
-        tables = []
-        for name in self.list(prefix, ".parquet"):
-            with self.fs.open(self._full(posixpath.join(prefix, name)), "rb") as handle:
-                tables.append(pq.read_table(handle, columns=columns))
+        tables = [pq.read_table(self._full(posixpath.join(prefix, name)), columns=columns, filesystem=self.fs)
+                  for name in self.list(prefix, ".parquet")]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
 

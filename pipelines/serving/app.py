@@ -87,8 +87,7 @@ def check_bounds(options: dict[str, dict[str, Any]]) -> None:
             raise ValueError(f"{name}.max_queued_requests must be bounded (>= 0)")
 
 
-def make_app(args: dict[str, Any] | AppSettings | None = None,
-             deployments: dict[str, dict[str, Any]] | None = None) -> Application:
+def make_app(args: dict[str, Any] | None = None, deployments: dict[str, dict[str, Any]] | None = None) -> Application:
     """The application: `args` are the app settings, `deployments` override `DEPLOYMENTS` by deployment name."""
     settings = AppSettings.from_args(args).as_args()
     options = deployment_options(deployments or {})
@@ -147,22 +146,13 @@ class ServeConfig:
         return replace(self, args=settings.as_args(), deployments=deployments,
                        http={**self.http, "host": launch.host, "port": launch.port})
 
-    def app(self) -> Application:
-        return make_app(self.args, self.deployments)
 
-
-def run_local(config: ServeConfig, *, blocking: bool = True) -> None:
-    """Start Ray (local unless RAY_ADDRESS says otherwise) and Serve, deploy, and block until Ctrl-C."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+def run_local(config: ServeConfig) -> None:
+    """Start Serve (and Ray, local unless RAY_ADDRESS says otherwise), deploy, and block until Ctrl-C."""
     serve.start(http_options=config.http)
-    serve.run(config.app(), name=config.name, route_prefix=config.route_prefix, blocking=False)
+    serve.run(make_app(config.args, config.deployments), name=config.name, route_prefix=config.route_prefix)
     print(f"audiogen serving on http://{config.http['host']}:{config.http['port']} (docs at /docs); Ctrl-C stops",
           flush=True)
-    if not blocking:
-        return
     try:
         while True:
             time.sleep(3600)

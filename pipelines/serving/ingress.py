@@ -4,13 +4,8 @@ It answers `/healthz`, `/readyz`, `/v1/models`, `/v1/stats` and `/metrics` itsel
 `EngineBoard` and Ray's metrics export), so they are never queued behind generation: its `max_ongoing_requests`
 is far above what generation can hold in it (`pipelines.serving.app` checks). Generation requests are read
 (bounded), validated here (bad input never reaches an engine replica) and forwarded through a DeploymentHandle
-with the model id as `multiplexed_model_id`. The handle is bounded by the engine deployment's
-`max_ongoing_requests` per replica plus `max_queued_requests`, and beyond that refuses at once: 503 + Retry-After,
-never an unbounded wait.
-
-Every error has one JSON shape, `{"detail": [{field, message, limit}]}`, made by the exception handlers below: 422
-for bad input (pydantic, `SamplingParams`, engine checks), 413 for oversized bodies, 503 + Retry-After when full
-or not ready, 504 on timeout.
+with the model id as `multiplexed_model_id`; a full handle refuses at once (503 + Retry-After). Every error has
+the JSON shape of `api`'s description below, made by the exception handlers.
 """
 
 from __future__ import annotations
@@ -30,9 +25,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from audiogen.errors import InvalidRequestError
 
 from pipelines.serving.metrics import AUDIO_ROUTES, HttpMetrics, node_metrics_url, scrape
-from pipelines.serving.replica import unknown_model
+from pipelines.serving.replica import resolve_model
 from pipelines.serving.schemas import ApiError, ContinueBody, GenerateBody, InpaintBody, api_error, busy, detail
-from pipelines.serving.settings import DEFAULT_MODEL_ID, AppSettings
+from pipelines.serving.settings import AppSettings
 from pipelines.serving.uploads import parse_multipart
 
 T = TypeVar("T")
@@ -162,7 +157,6 @@ class AudioGenIngress:
     async def inpaint(self, request: Request) -> Response:
         return await self._edit(request, InpaintBody, "inpaint")
 
-    # ------------------------------------------------------------------ helpers
     async def _edit(self, request: Request, schema: type[ContinueBody | InpaintBody], method: str) -> Response:
         data = await read_body(request, self.settings.max_upload_bytes + MULTIPART_OVERHEAD)
         fields, audio = await asyncio.to_thread(parse_multipart, request.headers, data)
@@ -171,16 +165,13 @@ class AudioGenIngress:
         return (await self._forward(call.remote(body, audio, request_id(request)))).response()
 
     def _routed(self, body: T) -> T:
-        """`body` with its model id resolved: the body's `model`, else the serve_multiplexed_model_id header's,
-        else the default; unknown ids are refused here (422 naming `model`)."""
+        """`body` with its model id resolved (`resolve_model`: refused here when unknown); the body and the
+        serve_multiplexed_model_id header may not name two models."""
         named, header = body.model, serve.get_multiplexed_model_id()  # type: ignore[attr-defined]
         if named and header and named != header:
             raise InvalidRequestError("model", f"the body names {named!r}, the header {header!r}",
                                       limit="one model per request")
-        model_id = named or header or DEFAULT_MODEL_ID
-        if model_id not in self.models:
-            raise unknown_model(model_id, self.models)
-        return body.model_copy(update={"model": model_id})  # type: ignore[attr-defined]
+        return body.model_copy(update={"model": resolve_model(named, self.models)})  # type: ignore[attr-defined]
 
     async def _forward(self, call: Awaitable[T]) -> T:
         """Await an engine call; full engine replicas (Serve's bound) become our 503 + Retry-After answer."""

@@ -14,6 +14,7 @@ file lists them).
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from typing import Any
@@ -119,9 +120,5 @@ def scrape(url: str, timeout_s: float = 5.0) -> str:
     """The app's families of one node's export (blocking: run it in a worker thread)."""
     with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (Ray's own endpoint)
         text = response.read().decode()
-    kept = []
-    for line in text.splitlines():
-        name = line.split()[2] if line.startswith(("# HELP ", "# TYPE ")) else line.split("{", 1)[0].split(" ", 1)[0]
-        if name.startswith(EXPORTED_PREFIXES):
-            kept.append(line)
+    kept = [line for line in text.splitlines() if re.sub("^# (HELP|TYPE) ", "", line).startswith(EXPORTED_PREFIXES)]
     return "\n".join(kept) + "\n"

@@ -7,9 +7,8 @@ DeploymentHandle, and so can Python callers and batch jobs (README, "Online serv
 `{field, message, limit}` details. Decoding uploads, building masks, codec encoding and audio encoding (Ogg
 pages included) run in worker threads, so the event loop keeps answering while they run.
 
-Bounds: Serve's `max_ongoing_requests` caps what a replica holds; each engine holds `max_batch_slots` +
-`queue_per_engine` requests and refuses more with 503 + Retry-After. A model unloaded to make room for another
-(least recently used, beyond `max_models_per_replica`) stops its engine: its in-flight requests get 503.
+Bounds are `pipelines.serving.app`'s. A model unloaded to make room for another (least recently used, beyond
+`max_models_per_replica`) stops its engine: its in-flight requests get 503.
 """
 
 from __future__ import annotations
@@ -45,8 +44,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def unknown_model(model_id: str, known: Iterable[str]) -> InvalidRequestError:
-    return InvalidRequestError("model", f"unknown model {model_id!r}", limit=", ".join(sorted(known)))
+def resolve_model(named: str | None, known: Iterable[str]) -> str:
+    """A request's model id: the one it names, else the serve_multiplexed_model_id header's, else the default;
+    unknown ids are refused (422 naming `model`)."""
+    model_id = named or serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
+    if model_id not in known:
+        raise InvalidRequestError("model", f"unknown model {model_id!r}", limit=", ".join(sorted(known)))
+    return model_id
 
 
 def engine_load(snapshots: Iterable[EngineSnapshot]) -> dict[str, float]:
@@ -63,7 +67,6 @@ class LoadedModel:
     model: AudioGen
     engine: Engine
     info: dict[str, Any]
-    max_upload_seconds: float
     closed: bool = False
 
     def check_room(self) -> None:
@@ -74,7 +77,7 @@ class LoadedModel:
 
     def prepare_edit(self, body: ContinueBody | InpaintBody, upload: bytes, request_id: str | None) -> AudioEdit:
         """Decode the upload, build the mask, encode the codes (blocking: run in a worker thread)."""
-        audio, rate = read_audio(upload, max_seconds=self.max_upload_seconds)
+        audio, rate = read_audio(upload, max_seconds=self.info["limits"]["max_upload_seconds"])
         if isinstance(body, InpaintBody):
             mask = sample_mask(body.mask, audio.shape[-1], rate, self.model.sample_rate, self.model.codec.hop_length)
             return self.model.inpaint_request(audio, rate, mask, body.prompt, sampling=body.sampling(),
@@ -116,20 +119,6 @@ def describe(model_id: str, model: AudioGen, settings: AppSettings) -> dict[str,
             "dtype": m["dtype"], "defaults": m["defaults"], "limits": limits}
 
 
-class _WavStream:
-    """WAV header, then PCM: the streaming counterpart of `OggStreamEncoder` (same feed/close)."""
-
-    def __init__(self, sample_rate: int, channels: int) -> None:
-        self._header = wav_stream_header(sample_rate, channels)
-
-    def feed(self, audio: np.ndarray) -> bytes:
-        data, self._header = self._header + pcm_bytes(audio), b""
-        return data
-
-    def close(self) -> bytes:
-        return b""
-
-
 class AudioGenEngine:
     """An engine replica (deployed by `pipelines.serving.app`). A plain importable class, so that Ray pickles it
     by reference and the replica runs this module's code."""
@@ -167,7 +156,7 @@ class AudioGenEngine:
                                     compile=s.compile, stream_chunk_frames=s.stream_chunk_frames)
         info = describe(model_id, model, s)
         log.info("replica %s loaded model %s (%s) on %s", self._replica, model_id, info["name"], self.device)
-        return LoadedModel(model_id, model, engine, info, info["limits"]["max_upload_seconds"])
+        return LoadedModel(model_id, model, engine, info)
 
     # ------------------------------------------------------------------ the handle API
     async def generate(self, body: GenerateBody | dict[str, Any], request_id: str | None = None) -> Clip:
@@ -191,15 +180,17 @@ class AudioGenEngine:
             first = await self._answer(anext(chunks), deadline)
             yield StreamHead(SUPPORTED_FORMATS[fmt].mime_type,
                              loaded.headers(request.request_id, request.sampling.seed, fmt))
-            encoder = _WavStream(loaded.info["sample_rate"], first.shape[0]) if fmt == "wav" else \
-                OggStreamEncoder(loaded.info["sample_rate"], first.shape[0], fmt)
+            rate, channels = loaded.info["sample_rate"], first.shape[0]
+            ogg = OggStreamEncoder(rate, channels, fmt) if fmt != "wav" else None
+            if ogg is None:  # WAV: a header without a length, then plain PCM
+                yield wav_stream_header(rate, channels)
             chunk: np.ndarray | None = first
             while chunk is not None:
-                if data := await asyncio.to_thread(encoder.feed, chunk):
+                if data := await asyncio.to_thread(ogg.feed if ogg else pcm_bytes, chunk):
                     yield data
                 async with asyncio.timeout_at(deadline):  # never across a yield: the timeout cancels this task
                     chunk = await anext(chunks, None)
-            if data := await asyncio.to_thread(encoder.close):
+            if ogg and (data := await asyncio.to_thread(ogg.close)):
                 yield data
 
     async def continue_audio(self, body: ContinueBody | dict[str, Any], audio: bytes,
@@ -238,7 +229,7 @@ class AudioGenEngine:
     async def _request(self, body: GenerateBody | dict[str, Any], request_id: str | None, draw_seed: bool = False
                        ) -> tuple[GenerationRequest, LoadedModel, str]:
         body = GenerateBody.model_validate(body)
-        loaded = await self._loaded_model(body.model)
+        loaded = await self._model(resolve_model(body.model, self.table))
         sampling = body.sampling()
         if draw_seed and sampling.seed is None:  # a stream's headers name the seed before the result exists
             sampling = replace(sampling, seed=secrets.randbits(63))
@@ -249,7 +240,7 @@ class AudioGenEngine:
     async def _edit(self, schema: type[ContinueBody | InpaintBody], body: Any, upload: bytes,
                     request_id: str | None) -> Clip:
         body = schema.model_validate(body)
-        loaded = await self._loaded_model(body.model)
+        loaded = await self._model(resolve_model(body.model, self.table))
         loaded.check_room()
         edit = await asyncio.to_thread(loaded.prepare_edit, body, upload, request_id)
         result = await loaded.engine.generate(edit.request)
@@ -260,12 +251,6 @@ class AudioGenEngine:
 
         data, seconds = await asyncio.to_thread(finish)
         return loaded.clip(data, body.format, result, seconds)
-
-    async def _loaded_model(self, model_id: str | None) -> LoadedModel:
-        model_id = model_id or serve.get_multiplexed_model_id() or DEFAULT_MODEL_ID
-        if model_id not in self.table:
-            raise unknown_model(model_id, self.table)
-        return await self._model(model_id)
 
     async def _answer(self, work: Awaitable[T], deadline: float | None = None) -> T:
         """`work` under the request timeout, its failures as `ApiError` (which pickles back to the caller)."""

@@ -50,13 +50,10 @@ class _Body(BaseModel):
         return self
 
 
-def _sampling_fields() -> dict[str, Any]:
-    hints = typing.get_type_hints(SamplingParams)
-    return {f.name: (hints[f.name], Field(f.default, description=f.metadata.get("help")))
-            for f in dataclasses.fields(SamplingParams)}
-
-
-SamplingFields = create_model("SamplingFields", __base__=_Body, **_sampling_fields())
+_SAMPLING_HINTS = typing.get_type_hints(SamplingParams)
+SamplingFields = create_model("SamplingFields", __base__=_Body, **{
+    f.name: (_SAMPLING_HINTS[f.name], Field(f.default, description=f.metadata.get("help")))
+    for f in dataclasses.fields(SamplingParams)})
 
 
 class GenerateBody(SamplingFields):  # type: ignore[misc, valid-type]
@@ -108,9 +105,7 @@ class InpaintBody(SamplingFields):  # type: ignore[misc, valid-type]
         return value
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Results (what engine replicas return to the ingress and to DeploymentHandle callers)
-# ---------------------------------------------------------------------------------------------------------------
+# Results: what engine replicas return to the ingress and to DeploymentHandle callers
 @dataclass(frozen=True)
 class Clip:
     """A finished clip, encoded: the HTTP answer's body, content type and `X-Audiogen-*` headers."""
@@ -132,9 +127,6 @@ class StreamHead:
     headers: dict[str, str]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------------------------
 class ApiError(Exception):
     """An answer other than 200 with the `{"detail": [{field, message, limit}]}` body. Engine replicas raise it
     (it pickles across Ray); DeploymentHandle callers catch it and read `status` and `details`."""
@@ -185,10 +177,6 @@ def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, InvalidRequestError):
             details.append(detail(cause.field, str(cause), cause.limit))
-            continue
-        if error.get("type") == "json_invalid":
-            details.append(detail("body", f"invalid JSON: {(error.get('ctx') or {}).get('error', '')}",
-                                  "a JSON object"))
             continue
         # union members (list[tuple] | list[bool]) add their type names to the path: keep the user's names
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]

@@ -9,10 +9,11 @@ checks that they agree), so running without a config file gives the same bounded
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from audiogen.errors import InvalidRequestError
+from audiogen.options import option
 from audiogen.validation import check_integer, check_number
 
 DEFAULT_MODEL_ID = "default"
@@ -22,53 +23,45 @@ DEFAULT_MODEL_ID = "default"
 class AppSettings:
     """Application args: which models a replica serves and how its engines are sized and bounded."""
 
-    model: str | None = field(default=None, metadata={
-        "help": f"checkpoint directory of the model `{DEFAULT_MODEL_ID}` (audiocraft, transformers MusicGen, "
-                "audiogen or ONNX export; default: the embedded model)"})
-    models: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "more models by id, ID=DIR: requests choose one with their `model` field"})
-    max_models_per_replica: int = field(default=2, metadata={
-        "help": "models a replica keeps loaded, each with its own engine; the least recently used is unloaded"})
-    text_encoder: str | None = field(default=None, metadata={"help": "override the T5 (local dir or cached HF name)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={
-        "help": "LM precision (default: float32 on CPU, bfloat16 on GPU)", "choices": ["float32", "bfloat16", "float16"]})
-    backend: str | None = field(default=None, metadata={
-        "help": "torch or onnx (default: onnx for a directory written by `audiogen export-onnx`)",
-        "choices": ["torch", "onnx"]})
-    max_batch_slots: int = field(default=8, metadata={"help": "requests decoded together by each engine"})
-    queue_per_engine: int = field(default=8, metadata={
-        "help": "requests waiting for a slot in each engine; beyond it: 503 + Retry-After"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the decoding step (GPU)"})
-    cpu_threads: int | None = field(default=None, metadata={
-        "help": "engine threads on CPU (default: the replica's cores)"})
-    stream_chunk_frames: int = field(default=25, metadata={"help": "frames per streamed chunk (50 frames = 1 s)"})
-    request_timeout_s: float = field(default=300.0, metadata={
-        "help": "seconds per request, queueing included; then 504 (or the stream ends)"})
-    retry_after_s: int = field(default=2, metadata={"help": "Retry-After of 503 answers"})
-    max_upload_bytes: int = field(default=16 * 2**20, metadata={"help": "largest multipart upload accepted"})
-    max_upload_seconds: float | None = field(default=None, metadata={
-        "help": "longest uploaded recording (default: the model's max_duration)"})
+    model: str | None = option(None, help=f"checkpoint directory of the model `{DEFAULT_MODEL_ID}` (audiocraft, "
+                               "transformers MusicGen, audiogen or ONNX export; default: the embedded model)")
+    models: dict[str, str] = option(factory=dict, help="more models by id, ID=DIR: requests choose one with their "
+                                                       "`model` field")
+    max_models_per_replica: int = option(2, help="models a replica keeps loaded, each with its own engine; the least "
+                                                 "recently used is unloaded")
+    text_encoder: str | None = option(None, help="override the T5 (local dir or cached HF name)")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    dtype: str | None = option(None, help="LM precision (default: float32 on CPU, bfloat16 on GPU)",
+                               choices=["float32", "bfloat16", "float16"])
+    backend: str | None = option(None, help="torch or onnx (default: onnx for a directory written by `audiogen "
+                                            "export-onnx`)", choices=["torch", "onnx"])
+    max_batch_slots: int = option(8, help="requests decoded together by each engine")
+    queue_per_engine: int = option(8, help="requests waiting for a slot in each engine; beyond it: 503 + Retry-After")
+    compile: bool = option(False, help="torch.compile the decoding step (GPU)")
+    cpu_threads: int | None = option(None, help="engine threads on CPU (default: the replica's cores)")
+    stream_chunk_frames: int = option(25, help="frames per streamed chunk (50 frames = 1 s)")
+    request_timeout_s: float = option(300.0, help="seconds per request, queueing included; then 504 (or the stream "
+                                                  "ends)")
+    retry_after_s: int = option(2, help="Retry-After of 503 answers")
+    max_upload_bytes: int = option(16 * 2**20, help="largest multipart upload accepted")
+    max_upload_seconds: float | None = option(None, help="longest uploaded recording (default: the model's "
+                                                         "max_duration)")
 
     def __post_init__(self) -> None:
-        for name in ("max_models_per_replica", "max_batch_slots", "stream_chunk_frames", "max_upload_bytes"):
-            check_integer(name, getattr(self, name), low=1, high=None)
+        for name in ("max_models_per_replica", "max_batch_slots", "stream_chunk_frames", "max_upload_bytes",
+                     "cpu_threads"):
+            check_integer(name, getattr(self, name), low=1, high=None)  # (None passes)
         for name in ("queue_per_engine", "retry_after_s"):
             check_integer(name, getattr(self, name), low=0, high=None)
-        if self.cpu_threads is not None:
-            check_integer("cpu_threads", self.cpu_threads, low=1, high=None)
         for name in ("request_timeout_s", "max_upload_seconds"):
-            if getattr(self, name) is not None:
-                check_number(name, getattr(self, name), low=0.0, high=float("inf"), low_open=True, limit="> 0")
+            check_number(name, getattr(self, name), low=0.0, high=float("inf"), low_open=True, limit="> 0")
         if DEFAULT_MODEL_ID in self.models:
             raise InvalidRequestError("models", f"`{DEFAULT_MODEL_ID}` is the --model option's id",
                                       limit="other ids")
 
     @classmethod
-    def from_args(cls, args: dict[str, Any] | AppSettings | None) -> AppSettings:
+    def from_args(cls, args: dict[str, Any] | None) -> AppSettings:
         """From serve_config.yaml's `args:` (a dict): unknown keys are refused by name."""
-        if isinstance(args, AppSettings):
-            return args
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(args or {}) - known)
         if unknown:
@@ -87,16 +80,16 @@ class AppSettings:
 class LaunchOptions:
     """`audiogen serve` flags for the HTTP listener and the engine deployment (serve_config.yaml's values)."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "listen address (0.0.0.0: every interface)"})
-    port: int = field(default=8000, metadata={"help": "HTTP port"})
-    replicas: int | None = field(default=None, metadata={
-        "help": "fixed engine replica count (default: autoscaling between the config's min and max)"})
-    max_ongoing_requests: int = field(default=16, metadata={
-        "help": "requests an engine replica holds (Serve's bound; ~ slots + engine queue)"})
-    max_queued_requests: int = field(default=8, metadata={
-        "help": "requests waiting for an engine replica at each caller (Serve's bound); beyond it: 503"})
-    num_cpus: float = field(default=2.0, metadata={"help": "CPUs per engine replica"})
-    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per engine replica"})
+    host: str = option("127.0.0.1", help="listen address (0.0.0.0: every interface)")
+    port: int = option(8000, help="HTTP port")
+    replicas: int | None = option(None, help="fixed engine replica count (default: autoscaling between the config's "
+                                             "min and max)")
+    max_ongoing_requests: int = option(16, help="requests an engine replica holds (Serve's bound; ~ slots + engine "
+                                                "queue)")
+    max_queued_requests: int = option(8, help="requests waiting for an engine replica at each caller (Serve's bound); "
+                                              "beyond it: 503")
+    num_cpus: float = option(2.0, help="CPUs per engine replica")
+    num_gpus: float = option(0.0, help="GPUs per engine replica")
 
     def deployment_options(self) -> dict[str, Any]:
         """The engine deployment's options these flags set."""
