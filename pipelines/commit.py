@@ -33,16 +33,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import Datasink
 
+from pipelines.processor import RENDER_SCHEMA
 from pipelines.storage import Storage, arrow_filesystem
 
-METADATA_SCHEMA = pa.schema([
-    ("id", pa.string()), ("file", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
-    ("duration", pa.float64()), ("seed", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()),
-    ("top_p", pa.float64()), ("guidance_scale", pa.float64()), ("sample_rate", pa.int64()),
-    ("channels", pa.int64()), ("num_samples", pa.int64()), ("audio_duration", pa.float64()),
-    ("format", pa.string()), ("subtype", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
-    ("model", pa.string()), ("model_checksum", pa.string()), ("render_seconds", pa.float64()),
-    ("actor_id", pa.string()), ("rendered_at", pa.string()), ("manifest_row", pa.int64()),
+METADATA_SCHEMA = pa.schema([  # a rendered row's id and prompt, then the columns its render added
+    ("id", pa.string()), ("file", pa.string()), ("prompt", pa.string()),
+    *(f for f in RENDER_SCHEMA if f.name not in ("status", "file", "error_field", "error_type", "error")),
+    ("manifest_row", pa.int64()),
 ])
 ERROR_SCHEMA = pa.schema([
     ("id", pa.string()), ("row", pa.int64()), ("source", pa.string()), ("field", pa.string()),
