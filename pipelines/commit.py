@@ -65,13 +65,8 @@ def committed_ids(storage: Storage) -> set[str]:
 
 
 def _select(table: pa.Table, schema: pa.Schema, renamed: dict[str, str]) -> pa.Table:
-    """`table`'s columns in `schema`'s order (`renamed`: output name -> input name; absent columns are null)."""
-    columns = []
-    for field in schema:
-        name = renamed.get(field.name, field.name)
-        columns.append(table[name].cast(field.type) if name in table.column_names
-                       else pa.nulls(table.num_rows, field.type))
-    return pa.table(columns, schema=schema)
+    """`table`'s columns in `schema`'s order and types (`renamed`: output name -> input name)."""
+    return table.select([renamed.get(name, name) for name in schema.names]).rename_columns(schema.names).cast(schema)
 
 
 class RenderSink(Datasink):

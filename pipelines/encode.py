@@ -326,19 +326,16 @@ class SegmentEncoder:
 # ---------------------------------------------------------------------------------------------------------------
 def existing_state(storage: Any) -> tuple[dict[str, set[int]], dict[str, int], set[str], set[str]]:
     """(segments written per id, n_segments per id, ids with an error row, codec checksums seen)."""
-    written: dict[str, set[int]] = {}
-    expected: dict[str, int] = {}
-    checksums: set[str] = set()
-    table = storage.read_tables("codes", columns=["id", "segment", "n_segments", "codec_checksum"])
-    if table is not None:
-        for row_id, segment, total in zip(table["id"].to_pylist(), table["segment"].to_pylist(),
-                                          table["n_segments"].to_pylist()):
-            written.setdefault(row_id, set()).add(int(segment))
-            expected[row_id] = int(total)
-        checksums = set(table["codec_checksum"].unique().to_pylist())
     errors = storage.read_tables("errors", columns=["id"])
     errored = set(errors["id"].to_pylist()) if errors is not None else set()
-    return written, expected, errored, checksums
+    table = storage.read_tables("codes", columns=["id", "segment", "n_segments", "codec_checksum"])
+    if table is None:
+        return {}, {}, errored, set()
+    written: dict[str, set[int]] = {}
+    for row_id, segment in zip(table["id"].to_pylist(), table["segment"].to_pylist()):
+        written.setdefault(row_id, set()).add(segment)
+    expected = dict(zip(table["id"].to_pylist(), table["n_segments"].to_pylist()))
+    return written, expected, errored, set(table["codec_checksum"].unique().to_pylist())
 
 
 def run_encode(options: EncodeOptions) -> dict[str, Any]:

@@ -139,8 +139,7 @@ def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) 
     from pipelines.storage import arrow_filesystem
 
     filesystem, _ = arrow_filesystem(url, storage_options)
-    with filesystem.open_input_file(files[0]) as handle:
-        names = pq.read_schema(handle).names
+    names = pq.read_schema(files[0], filesystem=filesystem).names
     if "prompt" not in names:
         raise ValueError(f"manifest {files[0]} has no 'prompt' column (columns: {names})")
 
@@ -160,8 +159,7 @@ def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: d
     first: dict[str, int] = {}
     row = 0
     for path in files:
-        with filesystem.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
+        with pq.ParquetFile(path, filesystem=filesystem) as parquet:
             names = parquet.schema_arrow.names
             if "prompt" not in names:
                 raise ValueError(f"manifest file {path} has no 'prompt' column (columns: {names})")

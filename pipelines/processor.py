@@ -233,6 +233,4 @@ class AudioProcessor:
             num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus or None)
 
 
-def build_audio_processor(config: RenderConfig, *, worker: type[RenderWorker] = RenderWorker) -> AudioProcessor:
-    """A processor for `config` (see the module docstring); `worker` may be a subclass of `RenderWorker`."""
-    return AudioProcessor(config, worker)
+build_audio_processor = AudioProcessor  # the `ray.data.llm.build_processor` shape: `build_audio_processor(config)`
