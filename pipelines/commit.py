@@ -52,11 +52,9 @@ def committed_ids(storage: Storage) -> set[str]:
     """The ids in `storage`'s metadata parts: an Arrow dataset scan of column `id` (parts read by parallel
     threads). It runs in the planner task, which keeps the set, never on the driver."""
     import pyarrow.dataset as pads
-    from pyarrow.fs import FileSelector
 
     filesystem, path = arrow_filesystem(storage.url("metadata"), storage.options)
-    parts = [info.path for info in filesystem.get_file_info(FileSelector(path, allow_not_found=True))
-             if info.path.endswith(".parquet")]  # not the temp files of an interrupted write
+    parts = [f"{path}/{name}" for name in storage.list("metadata", ".parquet")]  # not the temp files of a write
     ids: set[str] = set()
     if parts:
         for batch in pads.dataset(parts, format="parquet", filesystem=filesystem).to_batches(columns=["id"]):

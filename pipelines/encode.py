@@ -298,27 +298,24 @@ class SegmentEncoder:
         rows = [{**{name: batch[name][i] for name in SEGMENT_COLUMNS}, "split": batch["split"][i] or None}
                 for i in range(count)]
         audio = torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32))
-        good: list[int] = []
+        kept: list[dict[str, Any]] = []
         codes: list[np.ndarray] = []
         errors: list[dict[str, Any]] = []
         try:
-            good, codes = list(range(count)), list(self.codec.encode(audio).cpu().numpy())
+            kept, codes = rows, list(self.codec.encode(audio).cpu().numpy())
         except Exception:  # find the culprit(s): one bad segment must not lose the batch
-            for i in range(count):
+            for row, clip in zip(rows, audio):
                 try:
-                    codes.append(self.codec.encode(audio[i:i + 1])[0].cpu().numpy())
-                    good.append(i)
+                    codes.append(self.codec.encode(clip[None])[0].cpu().numpy())
+                    kept.append(row)
                 except Exception as error:
-                    errors.append(dict(rows[i], kind="encode_failed", message=f"{type(error).__name__}: {error}"))
-        shard = ""
-        if good:
-            kept = [rows[i] for i in good]
-            shard = self.storage.write_part("codes", [segment_key(r["id"], r["segment"]) for r in kept],
-                                            codes_table(kept, np.stack(codes), self.checksum))
+                    errors.append(dict(row, kind="encode_failed", message=f"{type(error).__name__}: {error}"))
+        shard = self.storage.write_part("codes", [segment_key(r["id"], r["segment"]) for r in kept],
+                                        codes_table(kept, np.stack(codes), self.checksum)) if kept else ""
         if errors:
             self.storage.write_part("errors", [segment_key(e["id"], e["segment"]) for e in errors],
                                     errors_table(errors))
-        return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(good)], dtype=np.int64)}
+        return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(kept)], dtype=np.int64)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) 
 
 
 def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: dict[str, Any],
-                  defaults: SamplingParams, duration: float | None, output: str | None, limit: int | None,
+                  defaults: SamplingParams, duration: float | None, output: str, limit: int | None,
                   rows_per_read: int) -> Iterator[pa.Table]:
     """Ray Data generator (the single task of the planning stage): every row of `files` in order, planned;
     rows committed in `output` by an earlier run are marked `done` (read here, never on the driver)."""
@@ -154,7 +154,7 @@ def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: d
     from pipelines.commit import committed_ids
     from pipelines.storage import Storage, arrow_filesystem
 
-    committed = set() if output is None else committed_ids(Storage(output, storage_options))
+    committed = committed_ids(Storage(output, storage_options))
     filesystem, _ = arrow_filesystem(url, storage_options)
     first: dict[str, int] = {}
     row = 0
