@@ -174,11 +174,10 @@ def segment_audio(audio: np.ndarray, *, sample_rate: int, hop_length: int, segme
 
 def codes_to_arrow(codes: np.ndarray) -> pa.Array:
     """codes [B, K, T] integer -> list<list<int16>> (row i = K lists of T codes)."""
-    codes = np.ascontiguousarray(codes, dtype=np.int16)
-    batch, k, t = codes.shape
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, batch * k * t + 1, t, dtype=np.int32)),
-                                     pa.array(codes.reshape(-1)))
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, batch * k + 1, k, dtype=np.int32)), inner)
+    _, k, t = codes.shape
+    flat = pa.array(np.ascontiguousarray(codes, dtype=np.int16).reshape(-1))
+    rows = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(flat, t), k)
+    return rows.cast(CODES_SCHEMA.field("codes").type)
 
 
 def codes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
