@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from audiogen.data.manifest import load_manifest
 from audiogen.options import option
+from audiogen.validation import check_integer, check_number
 from pipelines.job import ensure_ray, fetch_model, write_summary
 from pipelines.storage import Storage, storage_options_field
 
@@ -87,12 +88,10 @@ class EncodeOptions:
     progress: bool = option(True, help="Ray Data progress bars")
 
     def __post_init__(self) -> None:
-        if not (self.segment_seconds > 0 and math.isfinite(self.segment_seconds)):
-            raise ValueError(f"segment_seconds must be positive, got {self.segment_seconds}")
-        if self.min_seconds < 0:
-            raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
-        if self.read_batch < 1 or self.encode_batch < 1 or self.encoders < 1 or self.read_memory_mb < 1:
-            raise ValueError("read_batch, encode_batch, encoders and read_memory_mb must be >= 1")
+        check_number("segment_seconds", self.segment_seconds, low=0.0, high=math.inf, low_open=True, limit="> 0 s")
+        check_number("min_seconds", self.min_seconds, low=0.0, high=math.inf, limit=">= 0 s")
+        for name in ("read_batch", "encode_batch", "encoders", "read_memory_mb"):
+            check_integer(name, getattr(self, name), low=1, high=None)
 
 
 @dataclass(frozen=True)
