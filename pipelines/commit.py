@@ -33,16 +33,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import Datasink
 
+from pipelines.processor import RENDER_SCHEMA
 from pipelines.storage import Storage, arrow_filesystem
 
-METADATA_SCHEMA = pa.schema([
-    ("id", pa.string()), ("file", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
-    ("duration", pa.float64()), ("seed", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()),
-    ("top_p", pa.float64()), ("guidance_scale", pa.float64()), ("sample_rate", pa.int64()),
-    ("channels", pa.int64()), ("num_samples", pa.int64()), ("audio_duration", pa.float64()),
-    ("format", pa.string()), ("subtype", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
-    ("model", pa.string()), ("model_checksum", pa.string()), ("render_seconds", pa.float64()),
-    ("actor_id", pa.string()), ("rendered_at", pa.string()), ("manifest_row", pa.int64()),
+METADATA_SCHEMA = pa.schema([  # a rendered row's id and prompt, then the columns its render added
+    ("id", pa.string()), ("file", pa.string()), ("prompt", pa.string()),
+    *(f for f in RENDER_SCHEMA if f.name not in ("status", "file", "error_field", "error_type", "error")),
+    ("manifest_row", pa.int64()),
 ])
 ERROR_SCHEMA = pa.schema([
     ("id", pa.string()), ("row", pa.int64()), ("source", pa.string()), ("field", pa.string()),
@@ -55,11 +52,9 @@ def committed_ids(storage: Storage) -> set[str]:
     """The ids in `storage`'s metadata parts: an Arrow dataset scan of column `id` (parts read by parallel
     threads). It runs in the planner task, which keeps the set, never on the driver."""
     import pyarrow.dataset as pads
-    from pyarrow.fs import FileSelector
 
     filesystem, path = arrow_filesystem(storage.url("metadata"), storage.options)
-    parts = [info.path for info in filesystem.get_file_info(FileSelector(path, allow_not_found=True))
-             if info.path.endswith(".parquet")]  # not the temp files of an interrupted write
+    parts = [f"{path}/{name}" for name in storage.list("metadata", ".parquet")]  # not the temp files of a write
     ids: set[str] = set()
     if parts:
         for batch in pads.dataset(parts, format="parquet", filesystem=filesystem).to_batches(columns=["id"]):
@@ -68,13 +63,8 @@ def committed_ids(storage: Storage) -> set[str]:
 
 
 def _select(table: pa.Table, schema: pa.Schema, renamed: dict[str, str]) -> pa.Table:
-    """`table`'s columns in `schema`'s order (`renamed`: output name -> input name; absent columns are null)."""
-    columns = []
-    for field in schema:
-        name = renamed.get(field.name, field.name)
-        columns.append(table[name].cast(field.type) if name in table.column_names
-                       else pa.nulls(table.num_rows, field.type))
-    return pa.table(columns, schema=schema)
+    """`table`'s columns in `schema`'s order and types (`renamed`: output name -> input name)."""
+    return table.select([renamed.get(name, name) for name in schema.names]).rename_columns(schema.names).cast(schema)
 
 
 class RenderSink(Datasink):

@@ -37,13 +37,15 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from audiogen.data.manifest import load_manifest
+from audiogen.options import option
+from audiogen.validation import check_integer, check_number
 from pipelines.job import ensure_ray, fetch_model, write_summary
 from pipelines.storage import Storage, storage_options_field
 
@@ -55,6 +57,7 @@ CODES_SCHEMA = pa.schema([
     ("n_frames", pa.int32()), ("frames", pa.int32()), ("codes", pa.list_(pa.list_(pa.int16()))),
     ("codec_checksum", pa.string()),
 ])
+SEGMENT_COLUMNS = [name for name in CODES_SCHEMA.names if name not in ("frames", "codes", "codec_checksum")]
 ERRORS_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("caption", pa.string()), ("kind", pa.string()),
     ("message", pa.string()),
@@ -65,33 +68,30 @@ ERRORS_SCHEMA = pa.schema([
 class EncodeOptions:
     manifest: str
     output: str
-    codec: str = field(default="default", metadata={
-        "help": "codec: 'default' (the embedded demo model's), 'tiny[:SEED]', an EnCodec or model directory"})
-    segment_seconds: float = field(default=10.0, metadata={"help": "segment length (whole codec frames)"})
-    pad_last: bool = field(default=True, metadata={
-        "help": "zero-pad the last short segment and mask its padding in training (--no-pad-last drops it)"})
-    min_seconds: float = field(default=1.0, metadata={"help": "shortest usable (last) segment"})
-    silence_db: float = field(default=-60.0, metadata={"help": "segments with a lower peak are dropped"})
-    max_seconds: float | None = field(default=None, metadata={"help": "refuse files (spans) longer than this"})
-    read_batch: int = field(default=8, metadata={"help": "files per read task"})
-    encode_batch: int = field(default=16, metadata={"help": "segments per codec batch and output shard"})
-    encoders: int = field(default=1, metadata={"help": "codec actors"})
-    encoder_cpus: float = field(default=1.0, metadata={"help": "CPUs per codec actor"})
-    encoder_gpus: float = field(default=0.0, metadata={"help": "GPUs per codec actor"})
-    read_cpus: float = field(default=1.0, metadata={"help": "CPUs per read/resample task"})
-    read_memory_mb: int = field(default=512, metadata={
-        "help": "memory reserved per read task (decoded audio of --read-batch files)"})
-    retry_errors: bool = field(default=False, metadata={"help": "read again the files listed in errors/"})
+    codec: str = option("default", help="codec: 'default' (the embedded demo model's), 'tiny[:SEED]', an EnCodec or "
+                                        "model directory")
+    segment_seconds: float = option(10.0, help="segment length (whole codec frames)")
+    pad_last: bool = option(True, help="zero-pad the last short segment and mask its padding in training "
+                                       "(--no-pad-last drops it)")
+    min_seconds: float = option(1.0, help="shortest usable (last) segment")
+    silence_db: float = option(-60.0, help="segments with a lower peak are dropped")
+    max_seconds: float | None = option(None, help="refuse files (spans) longer than this")
+    read_batch: int = option(8, help="files per read task")
+    encode_batch: int = option(16, help="segments per codec batch and output shard")
+    encoders: int = option(1, help="codec actors")
+    encoder_cpus: float = option(1.0, help="CPUs per codec actor")
+    encoder_gpus: float = option(0.0, help="GPUs per codec actor")
+    read_cpus: float = option(1.0, help="CPUs per read/resample task")
+    read_memory_mb: int = option(512, help="memory reserved per read task (decoded audio of --read-batch files)")
+    retry_errors: bool = option(False, help="read again the files listed in errors/")
     storage_options: dict[str, Any] = storage_options_field()
-    progress: bool = field(default=True, metadata={"help": "Ray Data progress bars"})
+    progress: bool = option(True, help="Ray Data progress bars")
 
     def __post_init__(self) -> None:
-        if not (self.segment_seconds > 0 and math.isfinite(self.segment_seconds)):
-            raise ValueError(f"segment_seconds must be positive, got {self.segment_seconds}")
-        if self.min_seconds < 0:
-            raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
-        if self.read_batch < 1 or self.encode_batch < 1 or self.encoders < 1 or self.read_memory_mb < 1:
-            raise ValueError("read_batch, encode_batch, encoders and read_memory_mb must be >= 1")
+        check_number("segment_seconds", self.segment_seconds, low=0.0, high=math.inf, low_open=True, limit="> 0 s")
+        check_number("min_seconds", self.min_seconds, low=0.0, high=math.inf, limit=">= 0 s")
+        for name in ("read_batch", "encode_batch", "encoders", "read_memory_mb"):
+            check_integer(name, getattr(self, name), low=1, high=None)
 
 
 @dataclass(frozen=True)
@@ -138,24 +138,21 @@ def segment_audio(audio: np.ndarray, *, sample_rate: int, hop_length: int, segme
     The total counts every usable segment including the silent ones dropped and those in `skip` (already
     written by an earlier run); raises `UnusableAudio` when nothing usable remains.
     """
-    frames = max(1, int(round(segment_seconds * sample_rate / hop_length)))
-    length = frames * hop_length
+    length = max(1, int(round(segment_seconds * sample_rate / hop_length))) * hop_length
     total = audio.shape[-1]
-    min_samples = min(int(round(min_seconds * sample_rate)), length)
-    seconds = total / sample_rate
-    if total < max(min_samples, 1) or (not pad_last and total < length):
-        need = length / sample_rate if not pad_last else max(min_samples, 1) / sample_rate
-        raise UnusableAudio("too_short", f"audio is {seconds:.3f} s long, shorter than the minimum {need:.3f} s"
-                                         f"{' (one full segment: the last partial segment is dropped)' if not pad_last else ''}")
-    starts = list(range(0, total, length))
+    shortest = max(1, min(int(round(min_seconds * sample_rate)), length)) if pad_last else length
+    if total < shortest:
+        suffix = "" if pad_last else " (one full segment: the last partial segment is dropped)"
+        raise UnusableAudio("too_short", f"audio is {total / sample_rate:.3f} s long, shorter than the minimum "
+                                         f"{shortest / sample_rate:.3f} s{suffix}")
     threshold = 10.0 ** (silence_db / 20.0)
     kept: list[Segment] = []
     usable = 0
     silent = 0
-    for index, start in enumerate(starts):
+    for index, start in enumerate(range(0, total, length)):
         piece = audio[:, start:start + length]
         real = piece.shape[-1]
-        if real < length and (not pad_last or real < max(min_samples, 1)):
+        if real < shortest:
             continue  # a short last piece that is dropped
         usable += 1
         if float(np.max(np.abs(piece))) <= threshold:
@@ -176,43 +173,30 @@ def segment_audio(audio: np.ndarray, *, sample_rate: int, hop_length: int, segme
 
 def codes_to_arrow(codes: np.ndarray) -> pa.Array:
     """codes [B, K, T] integer -> list<list<int16>> (row i = K lists of T codes)."""
-    codes = np.ascontiguousarray(codes, dtype=np.int16)
-    batch, k, t = codes.shape
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, batch * k * t + 1, t, dtype=np.int32)),
-                                     pa.array(codes.reshape(-1)))
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, batch * k + 1, k, dtype=np.int32)), inner)
+    _, k, t = codes.shape
+    flat = pa.array(np.ascontiguousarray(codes, dtype=np.int16).reshape(-1))
+    rows = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(flat, t), k)
+    return rows.cast(CODES_SCHEMA.field("codes").type)
 
 
 def codes_from_arrow(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
     """The inverse of `codes_to_arrow`: one int16 [K, T] array per row (rows may differ in T)."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if len(column) == 0:
-        return []
-    outer_lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+        column = column.combine_chunks()
+    outer = column.value_lengths().to_numpy(zero_copy_only=False)
     inner = column.flatten()
-    inner_lengths = inner.value_lengths().to_numpy(zero_copy_only=False)
+    inner_lengths = np.append(inner.value_lengths().to_numpy(zero_copy_only=False), 0)
     values = np.array(inner.flatten().to_numpy(zero_copy_only=False), dtype=np.int16)  # writable copy
-    if len(set(outer_lengths.tolist())) == 1 and len(set(inner_lengths.tolist())) == 1:
-        return list(values.reshape(len(column), int(outer_lengths[0]), int(inner_lengths[0])))
-    rows, position, row_start = [], 0, 0
-    for k in outer_lengths:
-        lengths = inner_lengths[row_start:row_start + k]
-        t = int(lengths[0]) if k else 0
-        rows.append(values[position:position + int(k) * t].reshape(int(k), t))
-        position += int(lengths.sum())
-        row_start += int(k)
-    return rows
+    frames = np.where(outer > 0, inner_lengths[np.cumsum(outer) - outer], 0)  # each row's first list's length
+    pieces = np.split(values, np.cumsum(outer * frames)[:-1])
+    return [piece.reshape(int(k), int(t)) for piece, k, t in zip(pieces, outer, frames)]
 
 
 def codes_table(rows: list[dict[str, Any]], codes: np.ndarray, checksum: str) -> pa.Table:
     """Segment rows (dicts with the scalar columns) + their codes [B, K, T] -> a CODES_SCHEMA table."""
-    columns: dict[str, Any] = {name: [row[name] for row in rows] for name in CODES_SCHEMA.names
-                               if name not in ("codes", "codec_checksum", "frames")}
-    columns["frames"] = [int(codes.shape[-1])] * len(rows)
-    columns["codes"] = codes_to_arrow(codes)
-    columns["codec_checksum"] = [checksum] * len(rows)
-    return pa.table({name: columns[name] for name in CODES_SCHEMA.names}, schema=CODES_SCHEMA)
+    columns = {name: [row[name] for row in rows] for name in SEGMENT_COLUMNS}
+    return pa.table({**columns, "frames": [int(codes.shape[-1])] * len(rows), "codes": codes_to_arrow(codes),
+                     "codec_checksum": [checksum] * len(rows)}, schema=CODES_SCHEMA)
 
 
 def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -247,11 +231,6 @@ def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
     return load_base_model(spec).codec
 
 
-def codec_info(codec: Any) -> CodecInfo:
-    return CodecInfo(sample_rate=codec.sample_rate, hop_length=codec.hop_length, channels=codec.channels,
-                     num_codebooks=codec.num_codebooks, card=codec.card, checksum=codec.checksum())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Ray stages
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,13 +240,12 @@ def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo
     from audiogen.io import read_audio
 
     length = max(1, int(round(options.segment_seconds * info.frame_rate))) * info.hop_length
-    out: dict[str, list[Any]] = {name: [] for name in ("id", "segment", "n_segments", "caption", "path", "split",
-                                                       "offset", "duration", "n_frames", "audio")}
+    rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     for row in batch.to_pylist():
         try:
             audio, _ = read_audio(row["path"], sample_rate=info.sample_rate, channels=info.channels,
-                                  offset=row["offset"] or 0.0, duration=row["duration"],
+                                  offset=row["offset"], duration=row["duration"],
                                   storage_options=options.storage_options, max_seconds=options.max_seconds)
         except Exception as error:  # anything about one file is that file's error, never the job's
             errors.append(dict(row, kind="unreadable", message=f"{type(error).__name__}: {error}"))
@@ -280,28 +258,16 @@ def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo
         except UnusableAudio as error:
             errors.append(dict(row, kind=error.kind, message=str(error)))
             continue
-        for segment in segments:
-            out["id"].append(row["id"])
-            out["segment"].append(segment.index)
-            out["n_segments"].append(total)
-            out["caption"].append(row["caption"])
-            out["path"].append(row["path"])
-            out["split"].append(row["split"] or "")
-            out["offset"].append((row["offset"] or 0.0) + segment.index * length / info.sample_rate)
-            out["duration"].append(segment.n_frames / info.frame_rate)
-            out["n_frames"].append(segment.n_frames)
-            out["audio"].append(segment.audio)
+        rows += [dict(row, segment=segment.index, n_segments=total, split=row["split"] or "",
+                      offset=row["offset"] + segment.index * length / info.sample_rate,
+                      duration=segment.n_frames / info.frame_rate, n_frames=segment.n_frames, audio=segment.audio)
+                 for segment in segments]
     if errors:
         Storage(options.output, options.storage_options).write_part("errors", [e["id"] for e in errors],
                                                                     errors_table(errors))
-    result = {name: np.asarray(values, dtype=object if name in ("id", "caption", "path", "split") else None)
-              for name, values in out.items() if name != "audio"}
-    result["segment"] = np.asarray(out["segment"], dtype=np.int32)
-    result["n_segments"] = np.asarray(out["n_segments"], dtype=np.int32)
-    result["n_frames"] = np.asarray(out["n_frames"], dtype=np.int32)
-    result["offset"] = np.asarray(out["offset"], dtype=np.float64)
-    result["duration"] = np.asarray(out["duration"], dtype=np.float64)
-    result["audio"] = (np.stack(out["audio"]) if out["audio"]
+    result = {name: np.asarray([r[name] for r in rows], dtype=CODES_SCHEMA.field(name).type.to_pandas_dtype())
+              for name in SEGMENT_COLUMNS}
+    result["audio"] = (np.stack([r["audio"] for r in rows]) if rows
                        else np.zeros((0, info.channels, length), dtype=np.float32))
     return result
 
@@ -312,12 +278,9 @@ class SegmentEncoder:
     def __init__(self, options: EncodeOptions, checksum: str) -> None:
         import torch
 
-
-        threads = max(1, int(options.encoder_cpus))
-        torch.set_num_threads(threads)
-        self.options = options
-        self.device = "cuda" if options.encoder_gpus and torch.cuda.is_available() else "cpu"
-        self.codec = load_codec(options.codec, options.storage_options).to(self.device)
+        torch.set_num_threads(max(1, int(options.encoder_cpus)))
+        device = "cuda" if options.encoder_gpus and torch.cuda.is_available() else "cpu"
+        self.codec = load_codec(options.codec, options.storage_options).to(device)
         self.checksum = self.codec.checksum()
         if self.checksum != checksum:
             raise RuntimeError(f"codec {options.codec!r} on this worker has checksum {self.checksum[:12]}, the "
@@ -329,35 +292,28 @@ class SegmentEncoder:
 
         count = len(batch["id"])
         if count == 0:
-            return {"shard": np.asarray([], dtype=object), "segments": np.asarray([], dtype=np.int64),
-                    "errors": np.asarray([], dtype=np.int64)}
-        rows = [{name: batch[name][i] for name in batch if name != "audio"} for i in range(count)]
-        for row in rows:
-            row["split"] = row["split"] or None
+            return {"shard": np.asarray([], dtype=object), "segments": np.asarray([], dtype=np.int64)}
+        rows = [{**{name: batch[name][i] for name in SEGMENT_COLUMNS}, "split": batch["split"][i] or None}
+                for i in range(count)]
         audio = torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32))
-        good: list[int] = []
+        kept: list[dict[str, Any]] = []
         codes: list[np.ndarray] = []
         errors: list[dict[str, Any]] = []
         try:
-            encoded = self.codec.encode(audio).cpu().numpy()
-            good, codes = list(range(count)), list(encoded)
+            kept, codes = rows, list(self.codec.encode(audio).cpu().numpy())
         except Exception:  # find the culprit(s): one bad segment must not lose the batch
-            for i in range(count):
+            for row, clip in zip(rows, audio):
                 try:
-                    codes.append(self.codec.encode(audio[i:i + 1])[0].cpu().numpy())
-                    good.append(i)
+                    codes.append(self.codec.encode(clip[None])[0].cpu().numpy())
+                    kept.append(row)
                 except Exception as error:
-                    errors.append(dict(rows[i], kind="encode_failed", message=f"{type(error).__name__}: {error}"))
-        shard = ""
-        if good:
-            kept = [rows[i] for i in good]
-            shard = self.storage.write_part("codes", [segment_key(r["id"], r["segment"]) for r in kept],
-                                            codes_table(kept, np.stack(codes), self.checksum))
+                    errors.append(dict(row, kind="encode_failed", message=f"{type(error).__name__}: {error}"))
+        shard = self.storage.write_part("codes", [segment_key(r["id"], r["segment"]) for r in kept],
+                                        codes_table(kept, np.stack(codes), self.checksum)) if kept else ""
         if errors:
             self.storage.write_part("errors", [segment_key(e["id"], e["segment"]) for e in errors],
                                     errors_table(errors))
-        return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(good)], dtype=np.int64),
-                "errors": np.asarray([len(errors)], dtype=np.int64)}
+        return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(kept)], dtype=np.int64)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,31 +321,28 @@ class SegmentEncoder:
 # ---------------------------------------------------------------------------------------------------------------
 def existing_state(storage: Any) -> tuple[dict[str, set[int]], dict[str, int], set[str], set[str]]:
     """(segments written per id, n_segments per id, ids with an error row, codec checksums seen)."""
-    written: dict[str, set[int]] = {}
-    expected: dict[str, int] = {}
-    checksums: set[str] = set()
-    table = storage.read_tables("codes", columns=["id", "segment", "n_segments", "codec_checksum"])
-    if table is not None:
-        for row_id, segment, total in zip(table["id"].to_pylist(), table["segment"].to_pylist(),
-                                          table["n_segments"].to_pylist()):
-            written.setdefault(row_id, set()).add(int(segment))
-            expected[row_id] = int(total)
-        checksums = set(table["codec_checksum"].unique().to_pylist())
     errors = storage.read_tables("errors", columns=["id"])
     errored = set(errors["id"].to_pylist()) if errors is not None else set()
-    return written, expected, errored, checksums
+    table = storage.read_tables("codes", columns=["id", "segment", "n_segments", "codec_checksum"])
+    if table is None:
+        return {}, {}, errored, set()
+    written: dict[str, set[int]] = {}
+    for row_id, segment in zip(table["id"].to_pylist(), table["segment"].to_pylist()):
+        written.setdefault(row_id, set()).add(segment)
+    expected = dict(zip(table["id"].to_pylist(), table["n_segments"].to_pylist()))
+    return written, expected, errored, set(table["codec_checksum"].unique().to_pylist())
 
 
 def run_encode(options: EncodeOptions) -> dict[str, Any]:
     """Encode every not-yet-encoded file of the manifest; returns (and writes) the summary."""
     import ray
 
-
     started = time.perf_counter()
     storage = Storage(options.output, options.storage_options)
     manifest = load_manifest(options.manifest, options.storage_options)
     codec = load_codec(options.codec, options.storage_options)
-    info = codec_info(codec)
+    info = CodecInfo(sample_rate=codec.sample_rate, hop_length=codec.hop_length, channels=codec.channels,
+                     num_codebooks=codec.num_codebooks, card=codec.card, checksum=codec.checksum())
     if info.card > 32768:
         raise ValueError(f"codec card {info.card} does not fit the int16 codes column")
     written, expected, errored, checksums = existing_state(storage)
@@ -402,20 +355,18 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
         errored = set()
     complete = {i for i, segs in written.items() if len(segs) >= expected.get(i, 0)}
     ids = manifest["id"].to_pylist()
-    keep = [i not in complete and i not in errored for i in ids]
-    todo = manifest.filter(pa.array(keep, pa.bool_()))
+    todo = manifest.filter(pa.array([i not in complete and i not in errored for i in ids], pa.bool_()))
     partial = {i: sorted(written[i]) for i in todo["id"].to_pylist() if i in written}
     log.info("encode: %d files in the manifest, %d done, %d errored before, %d to read", len(ids),
              len(complete & set(ids)), len(errored & set(ids)), todo.num_rows)
 
-    counts = {"segments": 0, "shards": 0, "encode_errors": 0}
+    segments = shards = 0
     if todo.num_rows:
         ensure_ray()
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
         for batch in _dataset(options, info, todo, partial).iter_batches(batch_size=None, batch_format="pyarrow"):
-            counts["segments"] += sum(batch["segments"].to_pylist())
-            counts["encode_errors"] += sum(batch["errors"].to_pylist())
-            counts["shards"] += sum(1 for s in batch["shard"].to_pylist() if s)
+            segments += sum(batch["segments"].to_pylist())
+            shards += sum(1 for s in batch["shard"].to_pylist() if s)
     written_after, _, errored_after, _ = existing_state(storage)
     summary = {
         "manifest": options.manifest, "output": options.output, "codec": options.codec,
@@ -425,7 +376,7 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
         "pad_last": options.pad_last, "min_seconds": options.min_seconds, "silence_db": options.silence_db,
         "files": len(ids), "files_skipped_done": len(complete & set(ids)),
         "files_skipped_errored": len(errored & set(ids)), "files_read": todo.num_rows,
-        "segments_written": counts["segments"], "shards_written": counts["shards"],
+        "segments_written": segments, "shards_written": shards,
         "errors_new": len(errored_after - errored), "segments_total": sum(len(s) for s in written_after.values()),
         "files_encoded_total": len(written_after), "files_errored_total": len(errored_after),
         "wall_seconds": round(time.perf_counter() - started, 3),

@@ -43,7 +43,7 @@ PLAN_SCHEMA = pa.schema([
     ("top_p", pa.float64()), ("guidance_scale", pa.float64()),
     ("row", pa.int64()), ("source", pa.string()),  # position in the manifest (files in name order)
     ("status", pa.string()),  # todo | done | invalid (later also rendered | failed)
-    ("skipped", pa.int64()),  # a `done` record stands for this many committed rows (see `fold_done`)
+    ("skipped", pa.int64()),  # a `done` record stands for this many committed rows (see `normalize_table`)
     ("error_field", pa.string()), ("error_type", pa.string()), ("error", pa.string()), ("row_json", pa.string()),
 ])
 
@@ -93,10 +93,17 @@ def normalize_row(values: dict[str, Any], defaults: SamplingParams, duration: fl
 
 
 def normalize_table(table: pa.Table, defaults: SamplingParams, duration: float | None = None, *,
-                    first_row: int | None = None, source: str | None = None) -> pa.Table:
+                    first_row: int | None = None, source: str | None = None, first: dict[str, int] | None = None,
+                    done: set[str] | frozenset[str] = frozenset()) -> pa.Table:
     """Normalise every row of `table` (PLAN_SCHEMA); bad rows become `invalid` records naming field and limit.
-    `first_row` numbers the rows (manifest position) when the caller knows it."""
+    `first_row` numbers the rows (manifest position) when the caller knows it.
+
+    With `first` (id -> row that holds it, updated here; rows must come in manifest order), a row whose id an
+    earlier row holds becomes an `invalid` duplicate, and the rows whose id is committed (`done`) are folded into
+    one `done` record that counts them (`skipped`): committed rows need no render actor, only their place in the
+    job's counts, so a rerun moves a record per block."""
     planned = []
+    skipped = 0
     for offset, values in enumerate(table.select([c for c in MANIFEST_COLUMNS if c in table.column_names])
                                     .to_pylist()):
         row = None if first_row is None else first_row + offset
@@ -110,41 +117,19 @@ def normalize_table(table: pa.Table, defaults: SamplingParams, duration: float |
             record = {"id": given_id or f"row-{row if row is not None else offset}", "status": "invalid",
                       "error_field": error.field, "error_type": "InvalidRow", "error": str(error),
                       "row_json": json.dumps(values, default=repr, ensure_ascii=False)}
+        if first is not None and record["status"] == "todo":
+            holder = first.setdefault(record["id"], row)
+            if holder != row:
+                record.update(status="invalid", error_field="id", error_type="DuplicateId",
+                              error=f"id: duplicate id {record['id']!r}: row {holder} of the manifest has it too "
+                                    f"and is the one rendered")
+            elif record["id"] in done:
+                skipped += 1
+                continue
         planned.append({**record, "row": row, "source": source})
+    if skipped:
+        planned.append({"status": "done", "skipped": skipped})
     return pa.Table.from_pylist(planned, schema=PLAN_SCHEMA)
-
-
-def claim_first(planned: pa.Table, first: dict[str, int], done: set[str] | frozenset[str]) -> pa.Table:
-    """Mark rows whose id an earlier row holds (`first`: id -> row, updated here) as `invalid` duplicates, and
-    rows whose id is committed (`done`) as `done`. Rows must come in manifest order."""
-    columns = {name: planned[name].to_pylist() for name in ("id", "row", "status", "error_field", "error_type",
-                                                             "error")}
-    for i, (row_id, row, status) in enumerate(zip(columns["id"], columns["row"], columns["status"])):
-        if status != "todo":
-            continue
-        holder = first.setdefault(row_id, row)
-        if holder != row:
-            columns["status"][i], columns["error_field"][i], columns["error_type"][i] = "invalid", "id", "DuplicateId"
-            columns["error"][i] = (f"id: duplicate id {row_id!r}: row {holder} of the manifest has it too and is "
-                                   f"the one rendered")
-        elif row_id in done:
-            columns["status"][i] = "done"
-    for name in ("status", "error_field", "error_type", "error"):
-        planned = planned.set_column(PLAN_SCHEMA.get_field_index(name), name, pa.array(columns[name], pa.string()))
-    return planned
-
-
-def fold_done(planned: pa.Table) -> pa.Table:
-    """`planned` with its `done` rows folded into one `done` record that counts them (`skipped`): committed
-    rows need no render actor, only their place in the job's counts, so a rerun moves a record per block."""
-    import pyarrow.compute as pc
-
-    done = pc.equal(planned["status"], "done")
-    count = pc.sum(done).as_py() or 0
-    if not count:
-        return planned
-    record = pa.Table.from_pylist([{"status": "done", "skipped": count}], schema=PLAN_SCHEMA)
-    return pa.concat_tables([planned.filter(pc.invert(done)), record])
 
 
 def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) -> None:
@@ -154,14 +139,13 @@ def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) 
     from pipelines.storage import arrow_filesystem
 
     filesystem, _ = arrow_filesystem(url, storage_options)
-    with filesystem.open_input_file(files[0]) as handle:
-        names = pq.read_schema(handle).names
+    names = pq.read_schema(files[0], filesystem=filesystem).names
     if "prompt" not in names:
         raise ValueError(f"manifest {files[0]} has no 'prompt' column (columns: {names})")
 
 
 def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: dict[str, Any],
-                  defaults: SamplingParams, duration: float | None, output: str | None, limit: int | None,
+                  defaults: SamplingParams, duration: float | None, output: str, limit: int | None,
                   rows_per_read: int) -> Iterator[pa.Table]:
     """Ray Data generator (the single task of the planning stage): every row of `files` in order, planned;
     rows committed in `output` by an earlier run are marked `done` (read here, never on the driver)."""
@@ -170,13 +154,12 @@ def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: d
     from pipelines.commit import committed_ids
     from pipelines.storage import Storage, arrow_filesystem
 
-    committed = set() if output is None else committed_ids(Storage(output, storage_options))
+    committed = committed_ids(Storage(output, storage_options))
     filesystem, _ = arrow_filesystem(url, storage_options)
     first: dict[str, int] = {}
     row = 0
     for path in files:
-        with filesystem.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
+        with pq.ParquetFile(path, filesystem=filesystem) as parquet:
             names = parquet.schema_arrow.names
             if "prompt" not in names:
                 raise ValueError(f"manifest file {path} has no 'prompt' column (columns: {names})")
@@ -184,9 +167,8 @@ def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: d
                                                columns=[c for c in MANIFEST_COLUMNS if c in names]):
                 if limit is not None:
                     batch = batch.slice(0, limit - row)
-                planned = normalize_table(pa.Table.from_batches([batch]), defaults, duration, first_row=row,
-                                          source=path)
-                yield fold_done(claim_first(planned, first, committed))
+                yield normalize_table(pa.Table.from_batches([batch]), defaults, duration, first_row=row,
+                                      source=path, first=first, done=committed)
                 row += batch.num_rows
                 if limit is not None and row >= limit:
                     return

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from audiogen.errors import InvalidRequestError
 from audiogen.io import SUPPORTED_FORMATS
-from audiogen.options import check_choices
+from audiogen.options import check_choices, option
 from audiogen.sampling_params import SamplingParams
 from audiogen.validation import check_integer
 from pipelines.job import fetch_model, progress_actor_name
@@ -46,8 +46,8 @@ from pipelines.storage import Storage, storage_options_field
 log = logging.getLogger(__name__)
 
 RENDER_SCHEMA = pa.schema([
-    ("status", pa.string()), ("file", pa.string()), ("duration", pa.float64()),
-    ("negative_prompt", pa.string()), ("seed", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()),
+    ("status", pa.string()), ("file", pa.string()), ("negative_prompt", pa.string()),
+    ("duration", pa.float64()), ("seed", pa.int64()), ("temperature", pa.float64()), ("top_k", pa.int64()),
     ("top_p", pa.float64()), ("guidance_scale", pa.float64()), ("sample_rate", pa.int64()),
     ("channels", pa.int64()), ("num_samples", pa.int64()), ("audio_duration", pa.float64()),
     ("format", pa.string()), ("subtype", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()),
@@ -62,41 +62,28 @@ TASKS_PER_ACTOR = 2
 class RenderConfig:
     """What the render actors need: where the audio goes, the model, the actor pool and the job defaults."""
 
-    output: str = field(metadata={"help": "output directory or s3://bucket/prefix (audio/ goes below it)"})
-    model: str | None = field(default=None, metadata={
-        "help": "checkpoint or ONNX export directory, local or s3:// (default: the embedded model)"})
-    backend: str | None = field(default=None, metadata={
-        "help": "default: onnx for a directory written by `audiogen export-onnx`, else torch",
-        "choices": ("torch", "onnx")})
-    dtype: str | None = field(default=None, metadata={"help": "model dtype",
-                                                      "choices": ("float32", "bfloat16", "float16")})
-    max_batch_slots: int = field(default=16, metadata={
-        "help": "engine slots per actor; each actor is fed 4-8x this many rows"})
-    format: str = field(default="wav", metadata={"help": "audio file format", "choices": tuple(SUPPORTED_FORMATS)})
-    subtype: str | None = field(default=None, metadata={"help": "e.g. PCM_16, PCM_24, FLOAT, VORBIS"})
-    duration: float | None = field(default=None, metadata={"help": "job default duration (s) for rows without one"})
+    output: str = option(help="output directory or s3://bucket/prefix (audio/ goes below it)")
+    model: str | None = option(None, help="checkpoint or ONNX export directory, local or s3:// (default: the "
+                                          "embedded model)")
+    backend: str | None = option(None, choices=("torch", "onnx"),
+                                 help="default: onnx for a directory written by `audiogen export-onnx`, else torch")
+    dtype: str | None = option(None, choices=("float32", "bfloat16", "float16"), help="model dtype")
+    max_batch_slots: int = option(16, help="engine slots per actor; each actor is fed 4-8x this many rows")
+    format: str = option("wav", choices=SUPPORTED_FORMATS, help="audio file format")
+    subtype: str | None = option(None, help="e.g. PCM_16, PCM_24, FLOAT, VORBIS")
+    duration: float | None = option(None, help="job default duration (s) for rows without one")
     sampling: SamplingParams = field(default_factory=SamplingParams)  # job defaults for rows without a value
     storage_options: dict[str, Any] = storage_options_field()
-    min_actors: int = field(default=1, metadata={"help": "render actors the pool keeps"})
-    max_actors: int = field(default=1, metadata={"help": "render actors the pool may scale up to"})
-    num_cpus: float = field(default=1.0, metadata={"help": "CPUs per render actor"})
-    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per render actor (0 = CPU actors)"})
+    min_actors: int = option(1, help="render actors the pool keeps")
+    max_actors: int = option(1, help="render actors the pool may scale up to")
+    num_cpus: float = option(1.0, help="CPUs per render actor")
+    num_gpus: float = option(0.0, help="GPUs per render actor (0 = CPU actors)")
 
     def __post_init__(self) -> None:
         check_choices(self)  # format, backend, dtype
         check_integer("min_actors", self.min_actors, low=1, high=None)
         check_integer("max_actors", self.max_actors, low=self.min_actors, high=None, limit=">= min_actors")
         check_integer("max_batch_slots", self.max_batch_slots, low=1, high=None)
-
-    @property
-    def extension(self) -> str:
-        return SUPPORTED_FORMATS[self.format].extension.lstrip(".")
-
-    @property
-    def batch_rows(self) -> int:
-        """Rows per actor call, one engine's worth: with 4 calls per task and 1-2 tasks per actor in flight, the
-        engine has 4x-8x its slots to choose from."""
-        return self.max_batch_slots
 
 
 class RenderWorker:
@@ -131,10 +118,21 @@ class RenderWorker:
 
     def _start_engine(self) -> None:
         """Load the model when the first row to render arrives: an actor that only passes rows through (a rerun
-        of a committed job) loads none."""
-        from audiogen.engine import Engine
+        of a committed job) loads none. The model is a checkpoint or ONNX export directory (local, or a remote one
+        fetched into the node's model cache) or the embedded default; CPU actors leave their cores to the engine
+        thread."""
+        import torch
 
-        self.model = load_render_model(self.config)
+        from audiogen.engine import Engine
+        from audiogen.engine.cpu import reserve_cores_for_engine
+        from audiogen.loading import open_model
+
+        config = self.config
+        device = "cuda" if config.num_gpus and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            reserve_cores_for_engine()
+        model = None if config.model is None else fetch_model(config.model, config.storage_options)
+        self.model = open_model(model, backend=config.backend, device=device, dtype=config.dtype)
         self.model_checksum = self.model.checksum()
         self.engine = Engine(self.model, max_batch_slots=self.config.max_batch_slots,
                              max_queued_requests=1_000_000, admission_order="longest_first")
@@ -165,9 +163,10 @@ class RenderWorker:
         """Encode and write one clip (atomically); returns its render columns."""
         from audiogen.io import encode_audio
 
-        subtype = self.config.subtype or SUPPORTED_FORMATS[self.config.format].default_subtype
+        spec = SUPPORTED_FORMATS[self.config.format]
+        subtype = self.config.subtype or spec.default_subtype
         data = encode_audio(result.audio, result.sample_rate, format=self.config.format, subtype=subtype)
-        name = f"{row['file_stem']}.{self.config.extension}"
+        name = f"{row['file_stem']}{spec.extension}"
         self.storage.write_bytes(f"audio/{name}", data)
         used = result.request.sampling
         return {**outcome, **used.to_dict(), "negative_prompt": used.negative_prompt or None, "status": "rendered",
@@ -182,8 +181,7 @@ class RenderWorker:
     def _exit_if_engine_dead(self) -> None:
         """A dead engine fails every request it holds: leave the process (not the rows) so that Ray restarts
         the actor and retries its tasks on a fresh engine."""
-        snapshot = None if self.engine is None else self.engine.snapshot()
-        if snapshot is not None and not snapshot.alive:
+        if self.engine is not None and not (snapshot := self.engine.snapshot()).alive:
             log.error("render actor %s: engine is dead (%s); exiting for Ray to restart it", self.actor_id,
                       snapshot.error)
             logging.shutdown()
@@ -206,21 +204,6 @@ def set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
     return table
 
 
-def load_render_model(config: RenderConfig) -> Any:
-    """The model of a render actor: a checkpoint or ONNX export directory (local, or a remote one fetched into
-    the node's model cache) or the embedded default. CPU actors leave their cores to the engine thread."""
-    import torch
-
-    from audiogen.engine.cpu import reserve_cores_for_engine
-    from audiogen.loading import open_model
-
-    device = "cuda" if config.num_gpus and torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        reserve_cores_for_engine()
-    model = None if config.model is None else fetch_model(config.model, config.storage_options)
-    return open_model(model, backend=config.backend, device=device, dtype=config.dtype)
-
-
 @dataclass
 class AudioProcessor:
     """`proc(ds) -> ds`: normalise prompt rows, then render them (see the module docstring)."""
@@ -238,8 +221,10 @@ class AudioProcessor:
         `audiogen render`'s manifest planner make them)."""
         from ray.data import ActorPoolStrategy
 
+        # batches of one engine's worth of rows: with 4 calls per task and 1-2 tasks per actor in flight, the
+        # engine has 4x-8x its slots to choose from
         return planned.map_batches(
-            self.worker, batch_size=self.config.batch_rows, batch_format="pyarrow",
+            self.worker, batch_size=self.config.max_batch_slots, batch_format="pyarrow",
             fn_constructor_kwargs={"config": self.config},
             compute=ActorPoolStrategy(min_size=self.config.min_actors, max_size=self.config.max_actors,
                                       max_tasks_in_flight_per_actor=TASKS_PER_ACTOR,
@@ -248,6 +233,4 @@ class AudioProcessor:
             num_cpus=self.config.num_cpus, num_gpus=self.config.num_gpus or None)
 
 
-def build_audio_processor(config: RenderConfig, *, worker: type[RenderWorker] = RenderWorker) -> AudioProcessor:
-    """A processor for `config` (see the module docstring); `worker` may be a subclass of `RenderWorker`."""
-    return AudioProcessor(config, worker)
+build_audio_processor = AudioProcessor  # the `ray.data.llm.build_processor` shape: `build_audio_processor(config)`

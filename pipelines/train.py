@@ -111,17 +111,18 @@ class TrainOptions:
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
-def data_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Codes shards under `url`: its `codes/` when it is an encode output, else the Parquet files it names."""
-    import fsspec
+def data_files(url: str, storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The codes shards under `url` (its `codes/` when it is an encode output, else the Parquet files it names) as
+    (pyarrow filesystem, paths on it), what Ray Data and pyarrow read."""
+    import pyarrow.fs
 
     from audiogen.data.manifest import expand_inputs
+    from pipelines.storage import arrow_filesystem
 
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if fs.isdir(path) and fs.isdir(path.rstrip("/") + "/codes"):
+    filesystem, path = arrow_filesystem(url, storage_options)
+    if filesystem.get_file_info(path.rstrip("/") + "/codes").type == pyarrow.fs.FileType.Directory:
         url = url.rstrip("/") + "/codes"
-    files = expand_inputs(url, storage_options, ".parquet")
-    return files if "://" not in url else [fs.unstrip_protocol(f) for f in files]  # keep s3:// etc.
+    return filesystem, expand_inputs(url, storage_options, ".parquet")
 
 
 def is_val_row(row_id: str, split: str | None, fraction: float) -> bool:
@@ -136,46 +137,27 @@ def is_val_row(row_id: str, split: str | None, fraction: float) -> bool:
 def _select(batch: Any, *, val: bool, fraction: float) -> Any:
     import pyarrow as pa
 
-    splits = batch["split"].to_pylist() if "split" in batch.column_names else [None] * batch.num_rows
-    keep = [is_val_row(i, s, fraction) == val for i, s in zip(batch["id"].to_pylist(), splits)]
+    keep = [is_val_row(i, s, fraction) == val for i, s in zip(batch["id"].to_pylist(), batch["split"].to_pylist())]
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def read_codes(files: list[str], storage_options: dict[str, Any]) -> Any:
+def read_codes(url: str, storage_options: dict[str, Any]) -> Any:
     import ray
 
-    from pipelines.storage import arrow_filesystem
-
-    fs, _ = arrow_filesystem(files[0], storage_options)
-    paths = [arrow_filesystem(f, storage_options)[1] for f in files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=DATA_COLUMNS)
-
-
-def dataset_checksums(files: list[str], storage_options: dict[str, Any]) -> set[str]:
-    import fsspec
-    import pyarrow.parquet as pq
-
-    checksums: set[str] = set()
-    for url in files:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        with fs.open(path, "rb") as handle:
-            checksums.update(pq.read_table(handle, columns=["codec_checksum"])["codec_checksum"].unique().to_pylist())
-    return checksums
+    filesystem, paths = data_files(url, storage_options)
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=DATA_COLUMNS)
 
 
 def build_datasets(options: TrainOptions) -> dict[str, Any]:
-    files = data_files(options.data, options.storage_options)
-    data = read_codes(files, options.storage_options)
+    data = read_codes(options.data, options.storage_options)
     if options.val_data:
-        train = data
-        val = read_codes(data_files(options.val_data, options.storage_options), options.storage_options)
+        train, val = data, read_codes(options.val_data, options.storage_options)
     else:
         if options.materialize:
             data = data.materialize()  # read once, split twice
-        train = data.map_batches(_select, batch_format="pyarrow", fn_kwargs={"val": False,
-                                                                           "fraction": options.val_fraction})
-        val = data.map_batches(_select, batch_format="pyarrow", fn_kwargs={"val": True,
-                                                                         "fraction": options.val_fraction})
+        train, val = (data.map_batches(_select, batch_format="pyarrow",
+                                       fn_kwargs={"val": held_out, "fraction": options.val_fraction})
+                      for held_out in (False, True))
     if options.materialize:
         train, val = train.materialize(), val.materialize()
     datasets = {"train": train}
@@ -336,24 +318,23 @@ def _run_config(options: TrainOptions, score: str) -> Any:
 
 def run_train(options: TrainOptions) -> dict[str, Any]:
     """Train (resuming the run `options.name` in `options.storage` if it has checkpoints), export, summarise."""
-    import ray
+    import pyarrow.parquet as pq
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from audiogen.training import load_base_model, scratch_config
-    from pipelines.job import fetch_model
+    from pipelines.job import ensure_ray, fetch_model
 
     started = time.perf_counter()
     options.training_config()  # validate before starting anything
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    ensure_ray()
     base = load_base_model(fetch_model(options.model_spec, options.storage_options))
     model_config = base.config if options.init is not None else scratch_config(
         options.preset, base.config, base.text.text_dim, **options.overrides)
-    files = data_files(options.data, options.storage_options)
     if not options.skip_codec_check:
-        checksums = dataset_checksums(files, options.storage_options)
+        filesystem, paths = data_files(options.data, options.storage_options)
+        checksums = set(pq.read_table(paths, filesystem=filesystem, columns=["codec_checksum"])["codec_checksum"]
+                        .unique().to_pylist())
         if checksums != {base.codec.checksum()}:
             raise ValueError(f"the codes in {options.data} come from codec(s) {sorted(c[:12] for c in checksums)} "
                              f"but {options.model_spec!r} has codec {base.codec.checksum()[:12]}: encode the data "
@@ -364,14 +345,11 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
         raise ValueError(f"train split has {rows} rows, fewer than workers x batch_size = "
                          f"{options.workers} x {options.batch_size}")
     score = "val_loss" if "val" in datasets else "loss"
-    resources = {"CPU": options.cpus_per_worker}
-    if options.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"options": options, "model_config": model_config.to_dict(), "has_val": "val" in datasets},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker={"CPU": options.cpus_per_worker}),  # + 1 GPU with use_gpu
         run_config=_run_config(options, score), datasets=datasets)
     result = trainer.fit()
     if result.error is not None:
