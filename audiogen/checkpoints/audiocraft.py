@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import describe_key_mismatch
+from audiogen.checkpoints import describe_key_mismatch, state_mismatch
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state, unsupported
 from audiogen.config import AudioGenConfig
 from audiogen.errors import CheckpointError, InvalidConfigError
@@ -269,24 +269,9 @@ def rename_legacy_keys(state: dict[str, Any]) -> None:
 def validate_state(state: dict[str, Any], layout: dict[str, tuple[tuple[int, ...], tuple[Piece, ...]]],
                    file: Path) -> None:
     """Exactly the keys and shapes audiocraft's LMModel would load with strict=True."""
-    missing = [k for k in layout if k not in state]
-    unexpected = [k for k in state if k not in layout]
-    wrong = [f"{k}: expected {list(layout[k][0])}, got {_describe(state[k])}" for k in layout
-             if k in state and not (isinstance(state[k], torch.Tensor) and state[k].is_floating_point()
-                                    and tuple(state[k].shape) == layout[k][0])]
-    if missing or unexpected or wrong:
-        problems = [describe_key_mismatch(missing, unexpected)] if missing or unexpected else []
-        if wrong:
-            problems.append(f"wrong shapes ({len(wrong)}): " + ", ".join(wrong[:20])
-                            + (f", ... ({len(wrong) - 20} more)" if len(wrong) > 20 else ""))
-        raise CheckpointError(f"{file}: best_state does not match the LM its xp.cfg describes: "
-                              + "; ".join(problems))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{list(value.shape)} {value.dtype}"
-    return type(value).__name__
+    problems = state_mismatch(state, {key: shape for key, (shape, _) in layout.items()})
+    if problems:
+        raise CheckpointError(f"{file}: best_state does not match the LM its xp.cfg describes: {problems}")
 
 
 def convert_state(state: dict[str, torch.Tensor],

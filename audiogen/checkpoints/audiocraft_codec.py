@@ -41,7 +41,7 @@ import torch
 from transformers import EncodecConfig, EncodecModel
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import describe_key_mismatch
+from audiogen.checkpoints import state_mismatch
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state
 from audiogen.codec import Codec, target_bandwidth
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
@@ -300,23 +300,9 @@ def map_audiocraft_key(key: str) -> str | None:
 
 def load_mapped_state(model: EncodecModel, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load audiocraft weights into `model` strictly: every key mapped, none missing, every shape equal."""
-    mapped: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    for key, tensor in state.items():
-        target = map_audiocraft_key(key)
-        if target is None:
-            unmapped.append(f"{key} (no mapping rule)")
-        else:
-            mapped[target] = tensor
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in mapped]
-    unexpected = [k for k in mapped if k not in expected] + unmapped
-    shapes = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        details = describe_key_mismatch(missing, unexpected)
-        if shapes:
-            details = "; ".join(filter(None, [details, f"shape mismatches ({len(shapes)}): " + ", ".join(shapes[:20])]))
+    mapped = {map_audiocraft_key(key) or f"{key} (no mapping rule)": tensor for key, tensor in state.items()}
+    problems = state_mismatch(mapped, {key: tuple(value.shape) for key, value in model.state_dict().items()})
+    if problems:
         raise CheckpointError(f"the codec weights in {origin} do not match the EnCodec that its xp.cfg describes "
-                              f"(keys after mapping audiocraft names to transformers names): {details}")
+                              f"(keys after mapping audiocraft names to transformers names): {problems}")
     model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True)
