@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, text_encoder: str | os.Path
     root = Path(path).expanduser()
     layout = detect_layout(root)
     if layout == "audiocraft":
-        from audiogen.checkpoints.audiocraft_model import load_audiocraft
+        from audiogen.checkpoints.audiocraft import load_audiocraft
 
         loaded = load_audiocraft(root, text_encoder=text_encoder, codec=codec)
     elif layout == "transformers":

@@ -5,11 +5,14 @@ The file is a pickle written by `audiocraft/utils/export.py`:
 `xp.cfg` is the only description of the architecture, so the config is rebuilt from it, and every option our LM
 cannot reproduce is refused by name instead of loading the weights into a network that computes something else.
 Weights are mapped onto the native LM layout of docs/INTERFACES.md and cast to float32 (published files are fp16).
+`load_audiocraft` composes the whole checkpoint directory: this LM, the codec (`compression_state_dict.bin`) and
+the T5 that `xp.cfg` names (not stored in the checkpoint; resolved offline or overridden).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,13 @@ from typing import Any
 import torch
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import describe_key_mismatch, state_mismatch
+from audiogen.checkpoints import LoadedCheckpoint, describe_key_mismatch, state_mismatch
+from audiogen.checkpoints.audiocraft_codec import COMPRESSION_FILE, load_audiocraft_codec
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state, unsupported
+from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
-from audiogen.errors import CheckpointError, InvalidConfigError
+from audiogen.errors import CheckpointError, InvalidConfigError, MissingCheckpointFileError
+from audiogen.text import load_text_encoder
 
 STATE_FILE = "state_dict.bin"
 TEXT_PROJ = "condition_provider.conditioners.description.output_proj."
@@ -76,7 +82,6 @@ class AudiocraftLM:
     config: AudioGenConfig
     lm_state: dict[str, torch.Tensor]
     text_proj_state: dict[str, torch.Tensor] | None
-    text_encoder_name: str
     xp_cfg: dict[str, Any]
     source: dict[str, Any]
 
@@ -98,8 +103,37 @@ def read_audiocraft_lm(path: str | Path) -> AudiocraftLM:
     validate_state(state, layout, file)
     converted = convert_state(state, layout)
     text_proj = {k[len("text_proj."):]: converted.pop(k) for k in list(converted) if k.startswith("text_proj.")}
-    return AudiocraftLM(config=config, lm_state=converted, text_proj_state=text_proj,
-                        text_encoder_name=config.text_encoder, xp_cfg=xp_cfg, source=source)
+    return AudiocraftLM(config=config, lm_state=converted, text_proj_state=text_proj, xp_cfg=xp_cfg, source=source)
+
+
+def load_audiocraft(root: Path, *, text_encoder: str | os.PathLike[str] | None = None,
+                    codec: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
+    directory = root.parent if root.is_file() else root
+    compression = directory / COMPRESSION_FILE
+    if not compression.exists() and codec is None:
+        raise MissingCheckpointFileError(
+            f"{compression} is missing: audiocraft checkpoints need state_dict.bin and compression_state_dict.bin "
+            f"(or pass codec=<EnCodec directory>)")
+    lm = read_audiocraft_lm(root)
+    config = lm.config
+    # audiocraft keeps the stereo layout in the LM's xp.cfg (interleave_stereo_codebooks): MusicGen's compression
+    # file is often only {'pretrained': 'facebook/encodec_32khz'}, which cannot say it.
+    stereo = config.audio_channels == 2
+    if compression.exists():
+        codec_model = load_audiocraft_codec(compression, codec_override=codec, stereo_interleaved=stereo)
+    else:
+        codec_model = Codec.from_pretrained(codec, stereo_interleaved=stereo)
+    if codec_model.sample_rate != config.sample_rate or codec_model.frame_rate != config.frame_rate:
+        raise CheckpointError(
+            f"codec runs at {codec_model.sample_rate} Hz / {codec_model.frame_rate} frames/s but the LM expects "
+            f"{config.sample_rate} Hz / {config.frame_rate} frames/s")
+    if codec_model.num_codebooks != config.num_codebooks or codec_model.card != config.card:
+        raise CheckpointError(
+            f"codec has {codec_model.num_codebooks} codebooks of {codec_model.card} codes but the LM models "
+            f"{config.num_codebooks} of {config.card}")
+    t5, tokenizer = load_text_encoder(text_encoder or config.text_encoder)
+    return LoadedCheckpoint(config=config, lm_state=lm.lm_state, text_proj_state=lm.text_proj_state, t5=t5,
+                            tokenizer=tokenizer, codec=codec_model, source=dict(lm.source, format="audiocraft"))
 
 
 # ---------------------------------------------------------------------------------------------------- xp.cfg
