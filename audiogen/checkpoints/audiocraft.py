@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ REQUIRED_VALUES: tuple[tuple[str, Any, Any, str], ...] = (
 FUSE_METHODS = ("sum", "prepend", "ignore", "input_interpolate")
 
 _ALL = slice(None)
+_LEGACY_MHA = re.compile(r"\.(self_attn|cross_attention)\.mha\.")
 Piece = tuple[str, slice]  # destination key, rows of the source tensor that go there
 
 
@@ -289,15 +291,11 @@ def audiocraft_layout(config: AudioGenConfig, text_dim: int) -> dict[str, tuple[
     return layout
 
 
-def _legacy_name(key: str) -> str:
-    return key.replace(".self_attn.mha.", ".self_attn.").replace(".cross_attention.mha.", ".cross_attention.")
-
-
 def rename_legacy_keys(state: dict[str, Any]) -> None:
     """Without audiocraft's custom attention (`memory_efficient` and `custom` false) the fused projections are
     torch MHA's, saved under `...attn.mha.*`; audiocraft loads either name, and so do we."""
-    for key in [k for k in state if _legacy_name(k) != k]:
-        state[_legacy_name(key)] = state.pop(key)
+    for key in [k for k in state if _LEGACY_MHA.search(k)]:
+        state[_LEGACY_MHA.sub(r".\1.", key)] = state.pop(key)
 
 
 def validate_state(state: dict[str, Any], layout: dict[str, tuple[tuple[int, ...], tuple[Piece, ...]]],

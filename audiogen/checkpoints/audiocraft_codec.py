@@ -99,13 +99,18 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
     keeps it in the LM's xp.cfg, so the LM loader should pass it); `n_q` defaults to `rvq.n_q` (weights) or the
     pretrained model's largest bandwidth (reference), as audiocraft does.
     """
-    package, origin = _read_package(path_or_package)
+    if isinstance(path_or_package, dict):
+        package, origin = path_or_package, "the compression package"
+    else:
+        file = files.resolve_file(path_or_package, COMPRESSION_FILE, LAYOUT_HELP)
+        package = files.load_package(file, export_function="export_encodec", layout_help=LAYOUT_HELP)
+        origin = str(file)
     xp_cfg = parse_xp_cfg(package["xp.cfg"], origin) if "xp.cfg" in package else None
     if stereo_interleaved is None:
         stereo_interleaved = _stereo_flag(xp_cfg)
     if codec_override is not None or "pretrained" in package:
         return _load_reference(package, origin, codec_override, n_q, stereo_interleaved)
-    if xp_cfg is None or not files.has_state(package):
+    if xp_cfg is None or not any(key in package for key in files.STATE_KEYS):
         raise CheckpointError(f"{origin} has neither 'pretrained' nor 'xp.cfg' + 'best_state' (found "
                               f"{sorted(map(str, package))[:20]}): {LAYOUT_HELP}")
     config, rvq_n_q = encodec_config_from_xp_cfg(xp_cfg)
@@ -115,13 +120,6 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------------- the file
-def _read_package(path_or_package: str | os.PathLike[str] | dict[str, Any]) -> tuple[dict[str, Any], str]:
-    if isinstance(path_or_package, dict):
-        return path_or_package, "the compression package"
-    file = files.resolve_file(path_or_package, COMPRESSION_FILE, LAYOUT_HELP)
-    return files.load_package(file, export_function="export_encodec", layout_help=LAYOUT_HELP), str(file)
-
-
 def _stereo_flag(xp_cfg: dict[str, Any] | None) -> bool:
     if xp_cfg is None or not get_value(xp_cfg, "interleave_stereo_codebooks.use", False):
         return False
