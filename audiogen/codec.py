@@ -53,37 +53,16 @@ class Codec(torch.nn.Module):
         super().__init__()
         _check_supported(model.config, n_q, len(model.quantizer.layers))
         self.model = model.float()
+        config = model.config
+        self.sample_rate = int(config.sampling_rate)
+        self.hop_length = math.prod(int(r) for r in config.upsampling_ratios)  # samples per frame (SEANet strides)
+        self.frame_rate = self.sample_rate // self.hop_length
         self.n_q = int(n_q)  # quantizers used per audio channel
+        self.card = int(config.codebook_size)  # codebook size: codes are in [0, card)
         self.stereo_interleaved = bool(stereo_interleaved)
+        self.channels = 2 if self.stereo_interleaved else 1
+        self.num_codebooks = self.n_q * self.channels  # codebook streams per frame, channels interleaved
         self.eval()  # a codec is used for inference unless a trainer explicitly calls .train()
-
-    # ------------------------------------------------------------------ sizes
-    @property
-    def sample_rate(self) -> int:
-        return int(self.model.config.sampling_rate)
-
-    @property
-    def hop_length(self) -> int:
-        """Audio samples per codec frame (product of the SEANet strides)."""
-        return math.prod(int(r) for r in self.model.config.upsampling_ratios)
-
-    @property
-    def frame_rate(self) -> int:
-        return self.sample_rate // self.hop_length
-
-    @property
-    def card(self) -> int:
-        """Codebook size: codes are in [0, card)."""
-        return int(self.model.config.codebook_size)
-
-    @property
-    def channels(self) -> int:
-        return 2 if self.stereo_interleaved else 1
-
-    @property
-    def num_codebooks(self) -> int:
-        """Codebook streams per frame, channels interleaved."""
-        return self.n_q * self.channels
 
     @property
     def device(self) -> torch.device:
