@@ -438,13 +438,9 @@ def wav_stream_header(sample_rate: int, channels: int, subtype: str = "PCM_16") 
     channels = _check_channels(channels)
     format_tag, bits = _STREAM_SUBTYPES[_stream_subtype(subtype)]
     block_align = channels * bits // 8
-    fmt_chunk = struct.pack("<HHIIHH", format_tag, channels, sample_rate, sample_rate * block_align, block_align, bits)
-    return (
-        struct.pack("<4sI4s", b"RIFF", _UNKNOWN_SIZE, b"WAVE")
-        + struct.pack("<4sI", b"fmt ", len(fmt_chunk))
-        + fmt_chunk
-        + struct.pack("<4sI", b"data", _UNKNOWN_SIZE)
-    )
+    # RIFF header; "fmt " chunk: tag, channels, rate, byte rate, block align, bits; then the data chunk's header
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", _UNKNOWN_SIZE, b"WAVE", b"fmt ", 16, format_tag, channels,
+                       sample_rate, sample_rate * block_align, block_align, bits, b"data", _UNKNOWN_SIZE)
 
 
 def pcm_bytes(audio: np.ndarray, subtype: str = "PCM_16") -> bytes:

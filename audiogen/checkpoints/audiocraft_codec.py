@@ -91,13 +91,13 @@ _ABSENT = object()
 
 def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, Any], *,
                           codec_override: str | os.PathLike[str] | None = None,
-                          stereo_interleaved: bool | None = None, n_q: int | None = None) -> Codec:
+                          stereo_interleaved: bool | None = None) -> Codec:
     """A `Codec` from an audiocraft compression checkpoint (directory, file, or the already-loaded dict).
 
     `codec_override` (a local EncodecModel directory or a cached hub id) replaces the codec the package holds or
     names. `stereo_interleaved` defaults to `interleave_stereo_codebooks.use` in the package's xp.cfg (audiocraft
-    keeps it in the LM's xp.cfg, so the LM loader should pass it); `n_q` defaults to `rvq.n_q` (weights) or the
-    pretrained model's largest bandwidth (reference), as audiocraft does.
+    keeps it in the LM's xp.cfg, so the LM loader should pass it). As in audiocraft, the codec uses `rvq.n_q`
+    quantizers (weights) or those of the pretrained model's largest bandwidth (reference).
     """
     if isinstance(path_or_package, dict):
         package, origin = path_or_package, "the compression package"
@@ -109,14 +109,14 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
     if stereo_interleaved is None:
         stereo_interleaved = _stereo_flag(xp_cfg)
     if codec_override is not None or "pretrained" in package:
-        return _load_reference(package, origin, codec_override, n_q, stereo_interleaved)
+        return _load_reference(package, origin, codec_override, stereo_interleaved)
     if xp_cfg is None or not any(key in package for key in files.STATE_KEYS):
         raise CheckpointError(f"{origin} has neither 'pretrained' nor 'xp.cfg' + 'best_state' (found "
                               f"{sorted(map(str, package))[:20]}): {LAYOUT_HELP}")
     config, rvq_n_q = encodec_config_from_xp_cfg(xp_cfg)
     model = EncodecModel(config)
     load_mapped_state(model, select_best_state(package, origin, LAYOUT_HELP), origin)
-    return Codec(model.eval(), n_q=rvq_n_q if n_q is None else n_q, stereo_interleaved=stereo_interleaved)
+    return Codec(model.eval(), n_q=rvq_n_q, stereo_interleaved=stereo_interleaved)
 
 
 # ---------------------------------------------------------------------------------------------------- the file
@@ -131,7 +131,7 @@ def _stereo_flag(xp_cfg: dict[str, Any] | None) -> bool:
 
 
 def _load_reference(package: dict[str, Any], origin: str, codec_override: str | os.PathLike[str] | None,
-                    n_q: int | None, stereo_interleaved: bool) -> Codec:
+                    stereo_interleaved: bool) -> Codec:
     """The package names a pretrained codec (or the caller overrides it): load that, offline."""
     name = codec_override if codec_override is not None else package["pretrained"]
     if not isinstance(name, (str, os.PathLike)):
@@ -140,7 +140,7 @@ def _load_reference(package: dict[str, Any], origin: str, codec_override: str | 
         raise CheckpointError(f"{origin} refers to audiocraft's {name!r} codec, which is not supported; only "
                               f"EnCodec models are (e.g. facebook/encodec_32khz)")
     try:
-        return Codec.from_pretrained(name, n_q=n_q, stereo_interleaved=stereo_interleaved)
+        return Codec.from_pretrained(name, stereo_interleaved=stereo_interleaved)
     except MissingCheckpointFileError as error:
         if codec_override is not None:
             raise
