@@ -125,14 +125,7 @@ def load_audiocraft(root: Path, *, text_encoder: str | os.PathLike[str] | None =
         codec_model = load_audiocraft_codec(compression, codec_override=codec, stereo_interleaved=stereo)
     else:
         codec_model = Codec.from_pretrained(codec, stereo_interleaved=stereo)
-    if codec_model.sample_rate != config.sample_rate or codec_model.frame_rate != config.frame_rate:
-        raise CheckpointError(
-            f"codec runs at {codec_model.sample_rate} Hz / {codec_model.frame_rate} frames/s but the LM expects "
-            f"{config.sample_rate} Hz / {config.frame_rate} frames/s")
-    if codec_model.num_codebooks != config.num_codebooks or codec_model.card != config.card:
-        raise CheckpointError(
-            f"codec has {codec_model.num_codebooks} codebooks of {codec_model.card} codes but the LM models "
-            f"{config.num_codebooks} of {config.card}")
+    # Whether the codec's rates and codebooks are the LM's is checked by AudioGen, for every checkpoint layout.
     t5, tokenizer = load_text_encoder(text_encoder or config.text_encoder)
     return LoadedCheckpoint(config=config, lm_state=lm.lm_state, text_proj_state=lm.text_proj_state, t5=t5,
                             tokenizer=tokenizer, codec=codec_model, source=dict(lm.source, format="audiocraft"))
