@@ -265,13 +265,10 @@ def audiocraft_layout(config: AudioGenConfig, text_dim: int) -> dict[str, tuple[
         add(f"linears.{k}.weight", (card, d), (f"heads.{k}.weight", _ALL))
     for i in range(config.num_layers):
         src, dst = f"transformer.layers.{i}", f"layers.{i}"
-        add(f"{src}.self_attn.in_proj_weight", (3 * d, d), (f"{dst}.self_attn.in_proj.weight", _ALL))
-        add(f"{src}.cross_attention.in_proj_weight", (3 * d, d),
-            (f"{dst}.cross_attn.q_proj.weight", slice(0, d)), (f"{dst}.cross_attn.kv_proj.weight", slice(d, None)))
-        if config.bias_attn:
-            add(f"{src}.self_attn.in_proj_bias", (3 * d,), (f"{dst}.self_attn.in_proj.bias", _ALL))
-            add(f"{src}.cross_attention.in_proj_bias", (3 * d,),
-                (f"{dst}.cross_attn.q_proj.bias", slice(0, d)), (f"{dst}.cross_attn.kv_proj.bias", slice(d, None)))
+        for kind, shape in (("weight", (3 * d, d)), ("bias", (3 * d,)))[: 2 if config.bias_attn else 1]:
+            add(f"{src}.self_attn.in_proj_{kind}", shape, (f"{dst}.self_attn.in_proj.{kind}", _ALL))
+            add(f"{src}.cross_attention.in_proj_{kind}", shape,  # q rows, then k and v
+                (f"{dst}.cross_attn.q_proj.{kind}", slice(0, d)), (f"{dst}.cross_attn.kv_proj.{kind}", slice(d, None)))
         add_linear(f"{src}.self_attn.out_proj", f"{dst}.self_attn.out_proj", d, d, config.bias_attn)
         add_linear(f"{src}.cross_attention.out_proj", f"{dst}.cross_attn.out_proj", d, d, config.bias_attn)
         add_linear(f"{src}.linear1", f"{dst}.ffn.linear1", f, d, config.bias_ff)
