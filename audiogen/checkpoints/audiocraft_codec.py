@@ -151,10 +151,12 @@ def _load_reference(package: dict[str, Any], origin: str, codec_override: str | 
 
 
 # ---------------------------------------------------------------------------------------------------- xp.cfg
-def _section(xp_cfg: dict[str, Any], key: str) -> dict[str, Any]:
+def _section(xp_cfg: dict[str, Any], key: str, known: set[str] | frozenset[str]) -> dict[str, Any]:
+    """The mapping at `key` (a copy), holding only options audiocraft's builder accepts."""
     value = _require_value(xp_cfg, key)
     if not isinstance(value, dict):
         raise CheckpointError(f"xp.cfg {key} is a {type(value).__name__}, expected a mapping")
+    _check_known(key, value, known)
     return dict(value)
 
 
@@ -186,10 +188,9 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
 
 def _seanet_kwargs(xp_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Encoder and decoder constructor arguments, merged as get_encodec_autoencoder does."""
-    section = _section(xp_cfg, "seanet")
+    section = _section(xp_cfg, "seanet", {*SEANET_DEFAULTS, "encoder", "decoder"})
     encoder_override = section.pop("encoder", None) or {}
     decoder_override = section.pop("decoder", None) or {}
-    _check_known("seanet", section, set(SEANET_DEFAULTS))
     _check_known("seanet.encoder", encoder_override, set(SEANET_DEFAULTS))
     _check_known("seanet.decoder", decoder_override, set(SEANET_DEFAULTS) | set(DECODER_ONLY_DEFAULTS))
     encoder = {**SEANET_DEFAULTS, **section, **encoder_override}
@@ -242,9 +243,7 @@ def _check_seanet(seanet: dict[str, Any], decoder: dict[str, Any]) -> None:
 
 
 def _rvq_kwargs(xp_cfg: dict[str, Any]) -> dict[str, Any]:
-    section = _section(xp_cfg, "rvq")
-    _check_known("rvq", section, set(RVQ_DEFAULTS))
-    rvq = {**RVQ_DEFAULTS, **section}
+    rvq = {**RVQ_DEFAULTS, **_section(xp_cfg, "rvq", set(RVQ_DEFAULTS))}
     _positive_int("rvq.n_q", rvq["n_q"])
     bins = _positive_int("rvq.bins", rvq["bins"], minimum=2)
     _require("rvq.bins", bins, bins & (bins - 1) == 0, "the codebook size must be a power of two")
@@ -255,8 +254,7 @@ def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, i
     """The transformers config for the model audiocraft's get_compression_model would build, and its n_q."""
     model_kind = _require_value(xp_cfg, "compression_model")
     _require("compression_model", model_kind, model_kind == "encodec", "only EnCodec compression models exist here")
-    encodec = _section(xp_cfg, "encodec")
-    _check_known("encodec", encodec, ENCODEC_KEYS)
+    encodec = _section(xp_cfg, "encodec", ENCODEC_KEYS)
     _require("encodec.autoencoder", encodec.get("autoencoder"), encodec.get("autoencoder") == "seanet",
              "only the SEANet autoencoder is implemented")
     _require("encodec.quantizer", encodec.get("quantizer"), encodec.get("quantizer") == "rvq",
