@@ -107,7 +107,11 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
         origin = str(file)
     xp_cfg = parse_xp_cfg(package["xp.cfg"], origin) if "xp.cfg" in package else None
     if stereo_interleaved is None:
-        stereo_interleaved = _stereo_flag(xp_cfg)
+        stereo_interleaved = xp_cfg is not None and bool(get_value(xp_cfg, "interleave_stereo_codebooks.use", False))
+        per_timestep = stereo_interleaved and get_value(xp_cfg, "interleave_stereo_codebooks.per_timestep", False)
+        if per_timestep:
+            raise _unsupported("interleave_stereo_codebooks.per_timestep", per_timestep,
+                               "only codebook-interleaved stereo ([L0, R0, L1, R1, ...]) is supported")
     if codec_override is not None or "pretrained" in package:
         return _load_reference(package, origin, codec_override, stereo_interleaved)
     if xp_cfg is None or not any(key in package for key in files.STATE_KEYS):
@@ -120,16 +124,6 @@ def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------------- the file
-def _stereo_flag(xp_cfg: dict[str, Any] | None) -> bool:
-    if xp_cfg is None or not get_value(xp_cfg, "interleave_stereo_codebooks.use", False):
-        return False
-    per_timestep = get_value(xp_cfg, "interleave_stereo_codebooks.per_timestep", False)
-    if per_timestep:
-        raise _unsupported("interleave_stereo_codebooks.per_timestep", per_timestep,
-                           "only codebook-interleaved stereo ([L0, R0, L1, R1, ...]) is supported")
-    return True
-
-
 def _load_reference(package: dict[str, Any], origin: str, codec_override: str | os.PathLike[str] | None,
                     stereo_interleaved: bool) -> Codec:
     """The package names a pretrained codec (or the caller overrides it): load that, offline."""
@@ -242,14 +236,6 @@ def _check_seanet(seanet: dict[str, Any], decoder: dict[str, Any]) -> None:
              and (seanet["causal"] or trim == 1.0), "must be in [0, 1], and 1.0 unless causal")
 
 
-def _rvq_kwargs(xp_cfg: dict[str, Any]) -> dict[str, Any]:
-    rvq = {**RVQ_DEFAULTS, **_section(xp_cfg, "rvq", set(RVQ_DEFAULTS))}
-    _positive_int("rvq.n_q", rvq["n_q"])
-    bins = _positive_int("rvq.bins", rvq["bins"], minimum=2)
-    _require("rvq.bins", bins, bins & (bins - 1) == 0, "the codebook size must be a power of two")
-    return rvq
-
-
 def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, int]:
     """The transformers config for the model audiocraft's get_compression_model would build, and its n_q."""
     model_kind = _require_value(xp_cfg, "compression_model")
@@ -267,7 +253,10 @@ def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, i
     sample_rate = _positive_int("encodec.sample_rate", encodec.get("sample_rate"))
     seanet, decoder = _seanet_kwargs(xp_cfg)
     _check_seanet(seanet, decoder)
-    rvq = _rvq_kwargs(xp_cfg)
+    rvq = {**RVQ_DEFAULTS, **_section(xp_cfg, "rvq", set(RVQ_DEFAULTS))}
+    _positive_int("rvq.n_q", rvq["n_q"])
+    bins = _positive_int("rvq.bins", rvq["bins"], minimum=2)
+    _require("rvq.bins", bins, bins & (bins - 1) == 0, "the codebook size must be a power of two")
     hop = math.prod(seanet["ratios"])
     _require("seanet.ratios", seanet["ratios"], sample_rate % hop == 0,
              f"the hop length {hop} must divide encodec.sample_rate={sample_rate} (whole frames per second)")
