@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, EncodecModel, MusicgenConfig, T5EncoderModel
 
-from audiogen.checkpoints import LoadedCheckpoint, describe_key_mismatch
+from audiogen.checkpoints import LoadedCheckpoint, state_mismatch
 from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
@@ -116,10 +116,10 @@ def _submodule(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("embed_positions.weights")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{what} weights do not match: {describe_key_mismatch(missing, result.unexpected_keys)}")
+    problems = state_mismatch(state, {key: tuple(value.shape) for key, value in module.state_dict().items()})
+    if problems:
+        raise CheckpointError(f"{what} weights do not match: {problems}")
+    module.load_state_dict(state)
 
 
 def load_transformers_musicgen(root: Path, *, text_encoder: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
