@@ -128,8 +128,9 @@ def _as_audio(audio: Any, *, finite: bool = False) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _lookup_format(format: str, sample_rate: Any) -> tuple[AudioFormat, int]:
-    """The output format named `format`, and `sample_rate` checked against the rates it can encode."""
+def _lookup_format(format: str, sample_rate: Any, subtype: str | None = None) -> tuple[AudioFormat, int, str]:
+    """The output format named `format`, `sample_rate` checked against the rates it can encode, and the subtype
+    (its default when None)."""
     fmt = SUPPORTED_FORMATS.get(str(format).lower())
     if fmt is None:
         raise InvalidRequestError(
@@ -143,12 +144,8 @@ def _lookup_format(format: str, sample_rate: Any) -> tuple[AudioFormat, int]:
             limit=", ".join(map(str, fmt.sample_rates)) + " Hz",
             value=sample_rate,
         )
-    return fmt, sample_rate
-
-
-def _lookup_subtype(fmt: AudioFormat, subtype: str | None) -> str:
     if subtype is None:
-        return fmt.default_subtype
+        return fmt, sample_rate, fmt.default_subtype
     if str(subtype).upper() not in fmt.subtypes:
         raise InvalidRequestError(
             "subtype",
@@ -156,7 +153,7 @@ def _lookup_subtype(fmt: AudioFormat, subtype: str | None) -> str:
             limit=", ".join(fmt.subtypes),
             value=subtype,
         )
-    return str(subtype).upper()
+    return fmt, sample_rate, str(subtype).upper()
 
 
 def _decoder_reason(error: Exception) -> str:
@@ -336,8 +333,7 @@ def _prepare_for_encoding(audio: Any, subtype: str) -> np.ndarray:
 
 def encode_audio(audio: np.ndarray, sample_rate: int, format: str = "wav", subtype: str | None = None) -> bytes:
     """Encode `[C, N]` float audio to the bytes of a complete file in memory (HTTP bodies, single S3 PUTs)."""
-    fmt, sample_rate = _lookup_format(format, sample_rate)
-    subtype = _lookup_subtype(fmt, subtype)
+    fmt, sample_rate, subtype = _lookup_format(format, sample_rate, subtype)
     frames = _prepare_for_encoding(audio, subtype)
     buffer = io.BytesIO()
     try:
@@ -497,13 +493,12 @@ class OggStreamEncoder:
     """
 
     def __init__(self, sample_rate: int, channels: int, format: str = "ogg") -> None:
-        fmt, sample_rate = _lookup_format(format, sample_rate)
+        fmt, sample_rate, self._subtype = _lookup_format(format, sample_rate)
         if fmt.sf_format != "OGG":
             raise InvalidRequestError("format", f"{fmt.name} is not an Ogg format",
                                       limit=", ".join(f.name for f in SUPPORTED_FORMATS.values()
                                                       if f.sf_format == "OGG"), value=format)
         self.channels = _check_channels(channels)
-        self._subtype = fmt.default_subtype
         self._sink = _AppendOnlySink()
         try:
             self._file = sf.SoundFile(self._sink, "w", sample_rate, self.channels, subtype=self._subtype,

@@ -80,7 +80,6 @@ def load_checkpoint(path: str | os.PathLike[str], *, text_encoder: str | os.Path
 
         loaded = load_native(root, text_encoder=text_encoder)
     loaded.source.setdefault("path", str(root))
-    loaded.source.setdefault("format", layout)
     return loaded
 
 

@@ -128,7 +128,7 @@ def load_audiocraft(root: Path, *, text_encoder: str | os.PathLike[str] | None =
     # Whether the codec's rates and codebooks are the LM's is checked by AudioGen, for every checkpoint layout.
     t5, tokenizer = load_text_encoder(text_encoder or config.text_encoder)
     return LoadedCheckpoint(config=config, lm_state=lm.lm_state, text_proj_state=lm.text_proj_state, t5=t5,
-                            tokenizer=tokenizer, codec=codec_model, source=dict(lm.source, format="audiocraft"))
+                            tokenizer=tokenizer, codec=codec_model, source=lm.source)
 
 
 # ---------------------------------------------------------------------------------------------------- xp.cfg
