@@ -53,42 +53,16 @@ class Codec(torch.nn.Module):
         super().__init__()
         _check_supported(model.config, n_q, len(model.quantizer.layers))
         self.model = model.float()
-        self._n_q = int(n_q)
+        config = model.config
+        self.sample_rate = int(config.sampling_rate)
+        self.hop_length = math.prod(int(r) for r in config.upsampling_ratios)  # samples per frame (SEANet strides)
+        self.frame_rate = self.sample_rate // self.hop_length
+        self.n_q = int(n_q)  # quantizers used per audio channel
+        self.card = int(config.codebook_size)  # codebook size: codes are in [0, card)
         self.stereo_interleaved = bool(stereo_interleaved)
+        self.channels = 2 if self.stereo_interleaved else 1
+        self.num_codebooks = self.n_q * self.channels  # codebook streams per frame, channels interleaved
         self.eval()  # a codec is used for inference unless a trainer explicitly calls .train()
-
-    # ------------------------------------------------------------------ sizes
-    @property
-    def sample_rate(self) -> int:
-        return int(self.model.config.sampling_rate)
-
-    @property
-    def hop_length(self) -> int:
-        """Audio samples per codec frame (product of the SEANet strides)."""
-        return math.prod(int(r) for r in self.model.config.upsampling_ratios)
-
-    @property
-    def frame_rate(self) -> int:
-        return self.sample_rate // self.hop_length
-
-    @property
-    def n_q(self) -> int:
-        """Quantizers used per audio channel."""
-        return self._n_q
-
-    @property
-    def card(self) -> int:
-        """Codebook size: codes are in [0, card)."""
-        return int(self.model.config.codebook_size)
-
-    @property
-    def channels(self) -> int:
-        return 2 if self.stereo_interleaved else 1
-
-    @property
-    def num_codebooks(self) -> int:
-        """Codebook streams per frame, channels interleaved."""
-        return self.n_q * self.channels
 
     @property
     def device(self) -> torch.device:
@@ -122,8 +96,14 @@ class Codec(torch.nn.Module):
             return codes.transpose(1, 2).reshape(codes.shape[0], self.num_codebooks, codes.shape[-1])
 
     def _encode_mono(self, wave: torch.Tensor) -> torch.Tensor:
-        """[N] -> [n_q, T]."""
-        return self._quantize(self.model.encoder(wave.reshape(1, 1, -1)))[0]
+        """[N] -> [n_q, T]: the SEANet encoder, then residual VQ with the first n_q quantizers."""
+        residual = self.model.encoder(wave.reshape(1, 1, -1))
+        codes = []
+        for layer in self.model.quantizer.layers[: self.n_q]:
+            indices = layer.encode(residual)
+            residual = residual - layer.decode(indices)
+            codes.append(indices)
+        return torch.cat(codes)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, num_codebooks, T] -> float32 audio [B, channels, T * hop_length]."""
@@ -151,7 +131,7 @@ class Codec(torch.nn.Module):
         The ONNX audio decoder is traced from this. `frames`: the clips' own length when the codes are zero-padded
         past it (`decode`'s buckets); everything past it is zeroed after every layer.
         """
-        hidden = self._dequantize(codes)
+        hidden = self.model.quantizer.decode(codes.transpose(0, 1))  # sum of the n_q codebook vectors: [N, D, T]
         if frames is not None:
             hidden[..., frames:] = 0
         on_cpu = hidden.device.type == "cpu"
@@ -168,24 +148,6 @@ class Codec(torch.nn.Module):
         config = self.model.config
         zero_padded = config.pad_mode == "constant" or config.use_causal_conv
         return zero_padded and config.norm_type == "weight_norm"
-
-    def _quantize(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Residual VQ with the first n_q quantizers: [B, D, T] -> [B, n_q, T]."""
-        residual = embeddings
-        codes = []
-        for layer in self.model.quantizer.layers[: self.n_q]:
-            indices = layer.encode(residual)
-            residual = residual - layer.decode(indices)
-            codes.append(indices)
-        return torch.stack(codes, dim=1)
-
-    def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        """Sum of the codebook vectors: [B, n_q, T] -> [B, D, T]."""
-        layers = self.model.quantizer.layers
-        embeddings = layers[0].decode(codes[:, 0])
-        for k in range(1, self.n_q):
-            embeddings = embeddings + layers[k].decode(codes[:, k])
-        return embeddings
 
     @contextlib.contextmanager
     def _mode(self) -> Iterator[None]:
@@ -334,7 +296,9 @@ def build_encodec(*, sample_rate: int, n_q: int, card: int, upsampling_ratios: S
         use_causal_conv=False, pad_mode="constant", compress=2, num_lstm_layers=num_lstm_layers,
         trim_right_ratio=1.0, codebook_size=card, use_conv_shortcut=False,
         target_bandwidths=[target_bandwidth(n_q, sample_rate // hop, card)])
-    with _seeded(seed):
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         model = EncodecModel(config).eval()
         init_codebooks(model, sample_rate)
     return Codec(model, n_q=n_q, stereo_interleaved=audio_channels == 2)
@@ -393,28 +357,13 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Seed torch's CPU RNG for the block and restore it afterwards (no-op when seed is None)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _hub_cache_dir() -> str:
     """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it only at import)."""
     from huggingface_hub import constants
 
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return os.environ["HUGGINGFACE_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return constants.HF_HUB_CACHE
+    home = os.environ.get("HF_HOME")
+    return (os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+            or (os.path.join(home, "hub") if home else constants.HF_HUB_CACHE))
 
 
 def _resolve_directory(path: str | os.PathLike[str]) -> Path:

@@ -98,10 +98,11 @@ SUPPORTED_FORMATS: Mapping[str, AudioFormat] = MappingProxyType(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_sample_rate(sample_rate: Any, field: str = "sample_rate") -> int:
+def _check_sample_rate(sample_rate: Any) -> int:
     """Rates must be positive integers: soxr and libsndfile silently misbehave on floats or zero."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise InvalidRequestError(field, "sample rate must be a positive integer", limit="> 0 Hz", value=sample_rate)
+        raise InvalidRequestError("sample_rate", "sample rate must be a positive integer", limit="> 0 Hz",
+                                  value=sample_rate)
     return int(sample_rate)
 
 
@@ -112,36 +113,39 @@ def _check_channels(channels: Any) -> int:
     return int(channels)
 
 
-def _as_audio(audio: Any, *, field: str = "audio") -> np.ndarray:
-    """Accept only float `[channels, samples]` arrays: integer PCM would be misread as far beyond full scale."""
+def _as_audio(audio: Any, *, finite: bool = False) -> np.ndarray:
+    """Accept only float `[channels, samples]` arrays: integer PCM would be misread as far beyond full scale.
+    `finite` also refuses NaN/inf, which would encode as garbage (or full-scale clicks) rather than fail."""
     array = np.asarray(audio)
     if not np.issubdtype(array.dtype, np.floating):
-        raise InvalidRequestError(field, f"expected floating-point samples, got dtype {array.dtype}")
+        raise InvalidRequestError("audio", f"expected floating-point samples, got dtype {array.dtype}")
     if array.ndim != 2 or array.shape[0] < 1:
         raise InvalidRequestError(
-            field, f"expected a [channels, samples] array, got shape {tuple(array.shape)}", limit="2-D, channels >= 1"
+            "audio", f"expected a [channels, samples] array, got shape {tuple(array.shape)}", limit="2-D, channels >= 1"
         )
+    if finite and not np.isfinite(array).all():
+        raise InvalidRequestError("audio", "audio contains NaN or infinite samples", limit="finite samples")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _check_finite(audio: np.ndarray, field: str = "audio") -> None:
-    """NaN/inf would encode as garbage (or full-scale clicks) rather than fail, so refuse them up front."""
-    if not np.isfinite(audio).all():
-        raise InvalidRequestError(field, "audio contains NaN or infinite samples", limit="finite samples")
-
-
-def _lookup_format(format: str) -> AudioFormat:
+def _lookup_format(format: str, sample_rate: Any, subtype: str | None = None) -> tuple[AudioFormat, int, str]:
+    """The output format named `format`, `sample_rate` checked against the rates it can encode, and the subtype
+    (its default when None)."""
     fmt = SUPPORTED_FORMATS.get(str(format).lower())
     if fmt is None:
         raise InvalidRequestError(
             "format", f"unsupported audio format {format!r}", limit=", ".join(SUPPORTED_FORMATS), value=format
         )
-    return fmt
-
-
-def _lookup_subtype(fmt: AudioFormat, subtype: str | None) -> str:
+    sample_rate = _check_sample_rate(sample_rate)
+    if fmt.sample_rates is not None and sample_rate not in fmt.sample_rates:
+        raise InvalidRequestError(
+            "sample_rate",
+            f"{fmt.name} cannot encode {sample_rate} Hz audio; resample first",
+            limit=", ".join(map(str, fmt.sample_rates)) + " Hz",
+            value=sample_rate,
+        )
     if subtype is None:
-        return fmt.default_subtype
+        return fmt, sample_rate, fmt.default_subtype
     if str(subtype).upper() not in fmt.subtypes:
         raise InvalidRequestError(
             "subtype",
@@ -149,7 +153,7 @@ def _lookup_subtype(fmt: AudioFormat, subtype: str | None) -> str:
             limit=", ".join(fmt.subtypes),
             value=subtype,
         )
-    return str(subtype).upper()
+    return fmt, sample_rate, str(subtype).upper()
 
 
 def _decoder_reason(error: Exception) -> str:
@@ -178,36 +182,28 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(-1, audio.shape[0]).T, dtype=np.float32)
 
 
-def _check_channel_conversion(current: int, channels: int) -> None:
-    """Downmix any count to mono, or upmix mono to stereo; 5.1 -> stereo and the like have no single right answer."""
-    if channels == current or channels == 1 or (channels == 2 and current == 1):
-        return
-    raise InvalidRequestError(
-        "channels",
-        f"cannot convert {current}-channel audio to {channels} channels",
-        limit="1 (downmix from any count), or 2 from mono/stereo",
-        value=channels,
-    )
-
-
 def convert_channels(audio: np.ndarray, channels: int) -> np.ndarray:
-    """Downmix to mono by the mean, or upmix mono to stereo by duplication; other conversions are refused."""
+    """Downmix to mono by the mean, or upmix mono to stereo by duplication; other conversions are refused (5.1 ->
+    stereo and the like have no single right answer)."""
     audio = _as_audio(audio)
-    _check_channel_conversion(audio.shape[0], channels)
-    if channels == audio.shape[0]:
+    current = audio.shape[0]
+    if channels == current:
         return audio
     if channels == 1:
         return audio.mean(axis=0, keepdims=True, dtype=np.float32)
-    return np.repeat(audio, 2, axis=0)
+    if channels == 2 and current == 1:
+        return np.repeat(audio, 2, axis=0)
+    raise InvalidRequestError("channels", f"cannot convert {current}-channel audio to {channels} channels",
+                              limit="1 (downmix from any count), or 2 from mono/stereo", value=channels)
 
 
 def convert_audio(audio: np.ndarray, sample_rate: int, target_sample_rate: int, target_channels: int) -> np.ndarray:
-    """Resample and remix in the cheaper order: downmix before resampling, upmix after it."""
+    """Resample and remix in the cheaper order: upmix after resampling, anything else (downmix, or a conversion
+    that is refused, before the expensive resampling) before it."""
     audio = _as_audio(audio)
-    _check_channel_conversion(audio.shape[0], target_channels)  # fail before the expensive resampling
-    if target_channels < audio.shape[0]:
-        return resample(convert_channels(audio, target_channels), sample_rate, target_sample_rate)
-    return convert_channels(resample(audio, sample_rate, target_sample_rate), target_channels)
+    if (audio.shape[0], target_channels) == (1, 2):
+        return convert_channels(resample(audio, sample_rate, target_sample_rate), target_channels)
+    return resample(convert_channels(audio, target_channels), sample_rate, target_sample_rate)
 
 
 def peak_normalize(audio: np.ndarray, peak_db: float = -1.0) -> np.ndarray:
@@ -218,8 +214,7 @@ def peak_normalize(audio: np.ndarray, peak_db: float = -1.0) -> np.ndarray:
     if not np.isfinite(peak_db) or peak_db > 0:
         raise InvalidRequestError("peak_db", "peak must be a finite level at or below full scale", limit="<= 0 dBFS",
                                   value=peak_db)
-    audio = _as_audio(audio)
-    _check_finite(audio)
+    audio = _as_audio(audio, finite=True)
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
     if peak < _SILENCE_PEAK:
         return audio.copy()
@@ -317,7 +312,7 @@ def read_audio(
             handle.close()
     if audio.shape[1] == 0:
         raise InvalidRequestError("audio", "audio is empty", limit="at least one sample")
-    _check_finite(audio)
+    audio = _as_audio(audio, finite=True)
     target_rate = sample_rate or source_rate
     target_channels = channels or audio.shape[0]
     return convert_audio(audio, source_rate, target_rate, target_channels), target_rate
@@ -330,29 +325,15 @@ def read_audio(
 
 def _prepare_for_encoding(audio: Any, subtype: str) -> np.ndarray:
     """Validated, finite, frames-first samples; clipped unless the subtype stores floats (no wrap-around)."""
-    audio = _as_audio(audio)
-    _check_finite(audio)
+    audio = _as_audio(audio, finite=True)
     if subtype not in _FLOAT_SUBTYPES:
         audio = np.clip(audio, -1.0, 1.0)
     return np.ascontiguousarray(audio.T)
 
 
-def _check_format_rate(fmt: AudioFormat, sample_rate: int) -> None:
-    if fmt.sample_rates is not None and sample_rate not in fmt.sample_rates:
-        raise InvalidRequestError(
-            "sample_rate",
-            f"{fmt.name} cannot encode {sample_rate} Hz audio; resample first",
-            limit=", ".join(map(str, fmt.sample_rates)) + " Hz",
-            value=sample_rate,
-        )
-
-
 def encode_audio(audio: np.ndarray, sample_rate: int, format: str = "wav", subtype: str | None = None) -> bytes:
     """Encode `[C, N]` float audio to the bytes of a complete file in memory (HTTP bodies, single S3 PUTs)."""
-    fmt = _lookup_format(format)
-    subtype = _lookup_subtype(fmt, subtype)
-    sample_rate = _check_sample_rate(sample_rate)
-    _check_format_rate(fmt, sample_rate)
+    fmt, sample_rate, subtype = _lookup_format(format, sample_rate, subtype)
     frames = _prepare_for_encoding(audio, subtype)
     buffer = io.BytesIO()
     try:
@@ -376,17 +357,6 @@ def _infer_format(destination: str) -> str:
     )
 
 
-def _fsync_directory(directory: str) -> None:
-    """Persist the rename itself; without this a crash can forget the new directory entry (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_local(path: str, data: bytes) -> None:
     """Readers see either the old file or the complete new one, never a prefix: temp file, fsync, rename."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -404,7 +374,12 @@ def _atomic_write_local(path: str, data: bytes) -> None:
         if os.path.exists(temp):
             os.remove(temp)
         raise
-    _fsync_directory(directory)
+    if os.name == "posix":  # persist the rename itself: without this a crash can forget the new directory entry
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_audio(
@@ -437,23 +412,16 @@ def write_audio(
 # Streaming
 # ---------------------------------------------------------------------------------------------------------------
 
-_WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT = 1, 3
-# subtype -> (WAVE format tag, bits per sample)
-_STREAM_SUBTYPES = {
-    "PCM_16": (_WAVE_FORMAT_PCM, 16),
-    "PCM_24": (_WAVE_FORMAT_PCM, 24),
-    "PCM_32": (_WAVE_FORMAT_PCM, 32),
-    "FLOAT": (_WAVE_FORMAT_FLOAT, 32),
-}
+# subtype -> (WAVE format tag: 1 integer PCM, 3 IEEE float; bits per sample)
+_STREAM_SUBTYPES = {"PCM_16": (1, 16), "PCM_24": (1, 24), "PCM_32": (1, 32), "FLOAT": (3, 32)}
 _UNKNOWN_SIZE = 0xFFFFFFFF
 
 
-def _stream_subtype(subtype: str) -> tuple[int, int]:
-    spec = _STREAM_SUBTYPES.get(str(subtype).upper())
-    if spec is None:
+def _stream_subtype(subtype: str) -> str:
+    if str(subtype).upper() not in _STREAM_SUBTYPES:
         raise InvalidRequestError("subtype", f"subtype {subtype!r} cannot be streamed as WAV",
                                   limit=", ".join(_STREAM_SUBTYPES), value=subtype)
-    return spec
+    return str(subtype).upper()
 
 
 def wav_stream_header(sample_rate: int, channels: int, subtype: str = "PCM_16") -> bytes:
@@ -464,32 +432,24 @@ def wav_stream_header(sample_rate: int, channels: int, subtype: str = "PCM_16") 
     """
     sample_rate = _check_sample_rate(sample_rate)
     channels = _check_channels(channels)
-    format_tag, bits = _stream_subtype(subtype)
+    format_tag, bits = _STREAM_SUBTYPES[_stream_subtype(subtype)]
     block_align = channels * bits // 8
-    fmt_chunk = struct.pack("<HHIIHH", format_tag, channels, sample_rate, sample_rate * block_align, block_align, bits)
-    return (
-        struct.pack("<4sI4s", b"RIFF", _UNKNOWN_SIZE, b"WAVE")
-        + struct.pack("<4sI", b"fmt ", len(fmt_chunk))
-        + fmt_chunk
-        + struct.pack("<4sI", b"data", _UNKNOWN_SIZE)
-    )
+    # RIFF header; "fmt " chunk: tag, channels, rate, byte rate, block align, bits; then the data chunk's header
+    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", _UNKNOWN_SIZE, b"WAVE", b"fmt ", 16, format_tag, channels,
+                       sample_rate, sample_rate * block_align, block_align, bits, b"data", _UNKNOWN_SIZE)
 
 
 def pcm_bytes(audio: np.ndarray, subtype: str = "PCM_16") -> bytes:
     """Interleaved little-endian samples of one `[C, N]` chunk, for the body after `wav_stream_header`.
 
-    Integer PCM is quantised exactly like libsndfile does (clip, round to 32-bit, arithmetic shift down), so a
-    streamed WAV carries the same samples as `encode_audio` would have written.
+    libsndfile writes them (as headerless RAW), so a streamed WAV carries exactly the samples `encode_audio` would
+    have written.
     """
-    format_tag, bits = _stream_subtype(subtype)
-    frames = _prepare_for_encoding(audio, "FLOAT" if format_tag == _WAVE_FORMAT_FLOAT else "PCM")
-    if format_tag == _WAVE_FORMAT_FLOAT:
-        return frames.astype("<f4").tobytes()
-    full = np.clip(np.rint(frames.astype(np.float64) * 2.0**31), -(2.0**31), 2.0**31 - 1).astype(np.int64)
-    samples = (full >> (32 - bits)).astype("<i4").reshape(-1)
-    if bits == 24:  # keep the low three bytes of each little-endian int32
-        return samples.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
-    return samples.astype(f"<i{bits // 8}").tobytes()
+    subtype = _stream_subtype(subtype)
+    buffer = io.BytesIO()
+    # RAW stores no sample rate; libsndfile only needs a valid one.
+    sf.write(buffer, _prepare_for_encoding(audio, subtype), 8000, format="RAW", subtype=subtype, endian="LITTLE")
+    return buffer.getvalue()
 
 
 class _AppendOnlySink:
@@ -533,15 +493,12 @@ class OggStreamEncoder:
     """
 
     def __init__(self, sample_rate: int, channels: int, format: str = "ogg") -> None:
-        fmt = _lookup_format(format)
+        fmt, sample_rate, self._subtype = _lookup_format(format, sample_rate)
         if fmt.sf_format != "OGG":
             raise InvalidRequestError("format", f"{fmt.name} is not an Ogg format",
                                       limit=", ".join(f.name for f in SUPPORTED_FORMATS.values()
                                                       if f.sf_format == "OGG"), value=format)
-        sample_rate = _check_sample_rate(sample_rate)
-        _check_format_rate(fmt, sample_rate)
         self.channels = _check_channels(channels)
-        self._subtype = fmt.default_subtype
         self._sink = _AppendOnlySink()
         try:
             self._file = sf.SoundFile(self._sink, "w", sample_rate, self.channels, subtype=self._subtype,

@@ -97,7 +97,7 @@ def test_config_from_xp_cfg(written):
     assert (c.extend_stride, c.default_duration) == (2.0, 5.0)
     assert (c.temperature, c.top_k, c.top_p, c.guidance_scale) == (1.0, 64, 0.0, 3.0)  # top_k 250 capped at card
     assert c.name == "audiogen"
-    assert read.text_encoder_name == "t5-large"
+    assert read.config.text_encoder == "t5-large"
     assert read.xp_cfg["transformer_lm"]["dim"] == 64
     assert read.source == {"format": "audiocraft", "path": str(written / "state_dict.bin"), "version": "1.3.0"}
 

@@ -68,7 +68,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, text_encoder: str | os.Path
     root = Path(path).expanduser()
     layout = detect_layout(root)
     if layout == "audiocraft":
-        from audiogen.checkpoints.audiocraft_model import load_audiocraft
+        from audiogen.checkpoints.audiocraft import load_audiocraft
 
         loaded = load_audiocraft(root, text_encoder=text_encoder, codec=codec)
     elif layout == "transformers":
@@ -80,21 +80,30 @@ def load_checkpoint(path: str | os.PathLike[str], *, text_encoder: str | os.Path
 
         loaded = load_native(root, text_encoder=text_encoder)
     loaded.source.setdefault("path", str(root))
-    loaded.source.setdefault("format", layout)
     return loaded
 
 
-def describe_key_mismatch(missing: list[str], unexpected: list[str], limit: int = 20) -> str:
-    """A readable diff of state-dict keys for error messages."""
-
-    def listing(keys: list[str]) -> str:
-        keys = sorted(keys)
-        shown = ", ".join(keys[:limit])
-        return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
+def describe_key_mismatch(missing: list[str], unexpected: list[str], wrong_shapes: list[str] = (),
+                          limit: int = 20) -> str:
+    """A readable diff of state-dict keys (and `wrong_shapes`, descriptions of mis-shaped ones) for error messages."""
     parts = []
-    if missing:
-        parts.append(f"missing keys ({len(missing)}): {listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shapes)):
+        if items:
+            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{what} ({len(items)}): {', '.join(sorted(items)[:limit])}{more}")
     return "; ".join(parts)
+
+
+def state_mismatch(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str:
+    """What keeps `state` from holding exactly the keys of `shapes`, each a float tensor of that shape ('' if
+    nothing): the strict load the upstream model would do."""
+
+    def fits(value: Any, shape: tuple[int, ...]) -> bool:
+        return isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(shape)
+
+    def describe(value: Any) -> str:
+        return f"{list(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+    wrong = [f"{k}: expected {list(shape)}, got {describe(state[k])}" for k, shape in shapes.items()
+             if k in state and not fits(state[k], shape)]
+    return describe_key_mismatch([k for k in shapes if k not in state], [k for k in state if k not in shapes], wrong)

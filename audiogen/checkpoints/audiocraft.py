@@ -5,11 +5,15 @@ The file is a pickle written by `audiocraft/utils/export.py`:
 `xp.cfg` is the only description of the architecture, so the config is rebuilt from it, and every option our LM
 cannot reproduce is refused by name instead of loading the weights into a network that computes something else.
 Weights are mapped onto the native LM layout of docs/INTERFACES.md and cast to float32 (published files are fp16).
+`load_audiocraft` composes the whole checkpoint directory: this LM, the codec (`compression_state_dict.bin`) and
+the T5 that `xp.cfg` names (not stored in the checkpoint; resolved offline or overridden).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,13 @@ from typing import Any
 import torch
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import describe_key_mismatch
+from audiogen.checkpoints import LoadedCheckpoint, describe_key_mismatch, state_mismatch
+from audiogen.checkpoints.audiocraft_codec import COMPRESSION_FILE, load_audiocraft_codec
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state, unsupported
+from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
-from audiogen.errors import CheckpointError, InvalidConfigError
+from audiogen.errors import CheckpointError, InvalidConfigError, MissingCheckpointFileError
+from audiogen.text import load_text_encoder
 
 STATE_FILE = "state_dict.bin"
 TEXT_PROJ = "condition_provider.conditioners.description.output_proj."
@@ -66,6 +73,7 @@ REQUIRED_VALUES: tuple[tuple[str, Any, Any, str], ...] = (
 FUSE_METHODS = ("sum", "prepend", "ignore", "input_interpolate")
 
 _ALL = slice(None)
+_LEGACY_MHA = re.compile(r"\.(self_attn|cross_attention)\.mha\.")
 Piece = tuple[str, slice]  # destination key, rows of the source tensor that go there
 
 
@@ -76,7 +84,6 @@ class AudiocraftLM:
     config: AudioGenConfig
     lm_state: dict[str, torch.Tensor]
     text_proj_state: dict[str, torch.Tensor] | None
-    text_encoder_name: str
     xp_cfg: dict[str, Any]
     source: dict[str, Any]
 
@@ -98,8 +105,30 @@ def read_audiocraft_lm(path: str | Path) -> AudiocraftLM:
     validate_state(state, layout, file)
     converted = convert_state(state, layout)
     text_proj = {k[len("text_proj."):]: converted.pop(k) for k in list(converted) if k.startswith("text_proj.")}
-    return AudiocraftLM(config=config, lm_state=converted, text_proj_state=text_proj,
-                        text_encoder_name=config.text_encoder, xp_cfg=xp_cfg, source=source)
+    return AudiocraftLM(config=config, lm_state=converted, text_proj_state=text_proj, xp_cfg=xp_cfg, source=source)
+
+
+def load_audiocraft(root: Path, *, text_encoder: str | os.PathLike[str] | None = None,
+                    codec: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
+    directory = root.parent if root.is_file() else root
+    compression = directory / COMPRESSION_FILE
+    if not compression.exists() and codec is None:
+        raise MissingCheckpointFileError(
+            f"{compression} is missing: audiocraft checkpoints need state_dict.bin and compression_state_dict.bin "
+            f"(or pass codec=<EnCodec directory>)")
+    lm = read_audiocraft_lm(root)
+    config = lm.config
+    # audiocraft keeps the stereo layout in the LM's xp.cfg (interleave_stereo_codebooks): MusicGen's compression
+    # file is often only {'pretrained': 'facebook/encodec_32khz'}, which cannot say it.
+    stereo = config.audio_channels == 2
+    if compression.exists():
+        codec_model = load_audiocraft_codec(compression, codec_override=codec, stereo_interleaved=stereo)
+    else:
+        codec_model = Codec.from_pretrained(codec, stereo_interleaved=stereo)
+    # Whether the codec's rates and codebooks are the LM's is checked by AudioGen, for every checkpoint layout.
+    t5, tokenizer = load_text_encoder(text_encoder or config.text_encoder)
+    return LoadedCheckpoint(config=config, lm_state=lm.lm_state, text_proj_state=lm.text_proj_state, t5=t5,
+                            tokenizer=tokenizer, codec=codec_model, source=lm.source)
 
 
 # ---------------------------------------------------------------------------------------------------- xp.cfg
@@ -236,13 +265,10 @@ def audiocraft_layout(config: AudioGenConfig, text_dim: int) -> dict[str, tuple[
         add(f"linears.{k}.weight", (card, d), (f"heads.{k}.weight", _ALL))
     for i in range(config.num_layers):
         src, dst = f"transformer.layers.{i}", f"layers.{i}"
-        add(f"{src}.self_attn.in_proj_weight", (3 * d, d), (f"{dst}.self_attn.in_proj.weight", _ALL))
-        add(f"{src}.cross_attention.in_proj_weight", (3 * d, d),
-            (f"{dst}.cross_attn.q_proj.weight", slice(0, d)), (f"{dst}.cross_attn.kv_proj.weight", slice(d, None)))
-        if config.bias_attn:
-            add(f"{src}.self_attn.in_proj_bias", (3 * d,), (f"{dst}.self_attn.in_proj.bias", _ALL))
-            add(f"{src}.cross_attention.in_proj_bias", (3 * d,),
-                (f"{dst}.cross_attn.q_proj.bias", slice(0, d)), (f"{dst}.cross_attn.kv_proj.bias", slice(d, None)))
+        for kind, shape in (("weight", (3 * d, d)), ("bias", (3 * d,)))[: 2 if config.bias_attn else 1]:
+            add(f"{src}.self_attn.in_proj_{kind}", shape, (f"{dst}.self_attn.in_proj.{kind}", _ALL))
+            add(f"{src}.cross_attention.in_proj_{kind}", shape,  # q rows, then k and v
+                (f"{dst}.cross_attn.q_proj.{kind}", slice(0, d)), (f"{dst}.cross_attn.kv_proj.{kind}", slice(d, None)))
         add_linear(f"{src}.self_attn.out_proj", f"{dst}.self_attn.out_proj", d, d, config.bias_attn)
         add_linear(f"{src}.cross_attention.out_proj", f"{dst}.cross_attn.out_proj", d, d, config.bias_attn)
         add_linear(f"{src}.linear1", f"{dst}.ffn.linear1", f, d, config.bias_ff)
@@ -255,38 +281,19 @@ def audiocraft_layout(config: AudioGenConfig, text_dim: int) -> dict[str, tuple[
     return layout
 
 
-def _legacy_name(key: str) -> str:
-    return key.replace(".self_attn.mha.", ".self_attn.").replace(".cross_attention.mha.", ".cross_attention.")
-
-
 def rename_legacy_keys(state: dict[str, Any]) -> None:
     """Without audiocraft's custom attention (`memory_efficient` and `custom` false) the fused projections are
     torch MHA's, saved under `...attn.mha.*`; audiocraft loads either name, and so do we."""
-    for key in [k for k in state if _legacy_name(k) != k]:
-        state[_legacy_name(key)] = state.pop(key)
+    for key in [k for k in state if _LEGACY_MHA.search(k)]:
+        state[_LEGACY_MHA.sub(r".\1.", key)] = state.pop(key)
 
 
 def validate_state(state: dict[str, Any], layout: dict[str, tuple[tuple[int, ...], tuple[Piece, ...]]],
                    file: Path) -> None:
     """Exactly the keys and shapes audiocraft's LMModel would load with strict=True."""
-    missing = [k for k in layout if k not in state]
-    unexpected = [k for k in state if k not in layout]
-    wrong = [f"{k}: expected {list(layout[k][0])}, got {_describe(state[k])}" for k in layout
-             if k in state and not (isinstance(state[k], torch.Tensor) and state[k].is_floating_point()
-                                    and tuple(state[k].shape) == layout[k][0])]
-    if missing or unexpected or wrong:
-        problems = [describe_key_mismatch(missing, unexpected)] if missing or unexpected else []
-        if wrong:
-            problems.append(f"wrong shapes ({len(wrong)}): " + ", ".join(wrong[:20])
-                            + (f", ... ({len(wrong) - 20} more)" if len(wrong) > 20 else ""))
-        raise CheckpointError(f"{file}: best_state does not match the LM its xp.cfg describes: "
-                              + "; ".join(problems))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{list(value.shape)} {value.dtype}"
-    return type(value).__name__
+    problems = state_mismatch(state, {key: shape for key, (shape, _) in layout.items()})
+    if problems:
+        raise CheckpointError(f"{file}: best_state does not match the LM its xp.cfg describes: {problems}")
 
 
 def convert_state(state: dict[str, torch.Tensor],

@@ -41,7 +41,7 @@ import torch
 from transformers import EncodecConfig, EncodecModel
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import describe_key_mismatch
+from audiogen.checkpoints import state_mismatch
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state
 from audiogen.codec import Codec, target_bandwidth
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
@@ -91,49 +91,41 @@ _ABSENT = object()
 
 def load_audiocraft_codec(path_or_package: str | os.PathLike[str] | dict[str, Any], *,
                           codec_override: str | os.PathLike[str] | None = None,
-                          stereo_interleaved: bool | None = None, n_q: int | None = None) -> Codec:
+                          stereo_interleaved: bool | None = None) -> Codec:
     """A `Codec` from an audiocraft compression checkpoint (directory, file, or the already-loaded dict).
 
     `codec_override` (a local EncodecModel directory or a cached hub id) replaces the codec the package holds or
     names. `stereo_interleaved` defaults to `interleave_stereo_codebooks.use` in the package's xp.cfg (audiocraft
-    keeps it in the LM's xp.cfg, so the LM loader should pass it); `n_q` defaults to `rvq.n_q` (weights) or the
-    pretrained model's largest bandwidth (reference), as audiocraft does.
+    keeps it in the LM's xp.cfg, so the LM loader should pass it). As in audiocraft, the codec uses `rvq.n_q`
+    quantizers (weights) or those of the pretrained model's largest bandwidth (reference).
     """
-    package, origin = _read_package(path_or_package)
+    if isinstance(path_or_package, dict):
+        package, origin = path_or_package, "the compression package"
+    else:
+        file = files.resolve_file(path_or_package, COMPRESSION_FILE, LAYOUT_HELP)
+        package = files.load_package(file, export_function="export_encodec", layout_help=LAYOUT_HELP)
+        origin = str(file)
     xp_cfg = parse_xp_cfg(package["xp.cfg"], origin) if "xp.cfg" in package else None
     if stereo_interleaved is None:
-        stereo_interleaved = _stereo_flag(xp_cfg)
+        stereo_interleaved = xp_cfg is not None and bool(get_value(xp_cfg, "interleave_stereo_codebooks.use", False))
+        per_timestep = stereo_interleaved and get_value(xp_cfg, "interleave_stereo_codebooks.per_timestep", False)
+        if per_timestep:
+            raise _unsupported("interleave_stereo_codebooks.per_timestep", per_timestep,
+                               "only codebook-interleaved stereo ([L0, R0, L1, R1, ...]) is supported")
     if codec_override is not None or "pretrained" in package:
-        return _load_reference(package, origin, codec_override, n_q, stereo_interleaved)
-    if xp_cfg is None or not files.has_state(package):
+        return _load_reference(package, origin, codec_override, stereo_interleaved)
+    if xp_cfg is None or not any(key in package for key in files.STATE_KEYS):
         raise CheckpointError(f"{origin} has neither 'pretrained' nor 'xp.cfg' + 'best_state' (found "
                               f"{sorted(map(str, package))[:20]}): {LAYOUT_HELP}")
     config, rvq_n_q = encodec_config_from_xp_cfg(xp_cfg)
     model = EncodecModel(config)
     load_mapped_state(model, select_best_state(package, origin, LAYOUT_HELP), origin)
-    return Codec(model.eval(), n_q=rvq_n_q if n_q is None else n_q, stereo_interleaved=stereo_interleaved)
+    return Codec(model.eval(), n_q=rvq_n_q, stereo_interleaved=stereo_interleaved)
 
 
 # ---------------------------------------------------------------------------------------------------- the file
-def _read_package(path_or_package: str | os.PathLike[str] | dict[str, Any]) -> tuple[dict[str, Any], str]:
-    if isinstance(path_or_package, dict):
-        return path_or_package, "the compression package"
-    file = files.resolve_file(path_or_package, COMPRESSION_FILE, LAYOUT_HELP)
-    return files.load_package(file, export_function="export_encodec", layout_help=LAYOUT_HELP), str(file)
-
-
-def _stereo_flag(xp_cfg: dict[str, Any] | None) -> bool:
-    if xp_cfg is None or not get_value(xp_cfg, "interleave_stereo_codebooks.use", False):
-        return False
-    per_timestep = get_value(xp_cfg, "interleave_stereo_codebooks.per_timestep", False)
-    if per_timestep:
-        raise _unsupported("interleave_stereo_codebooks.per_timestep", per_timestep,
-                           "only codebook-interleaved stereo ([L0, R0, L1, R1, ...]) is supported")
-    return True
-
-
 def _load_reference(package: dict[str, Any], origin: str, codec_override: str | os.PathLike[str] | None,
-                    n_q: int | None, stereo_interleaved: bool) -> Codec:
+                    stereo_interleaved: bool) -> Codec:
     """The package names a pretrained codec (or the caller overrides it): load that, offline."""
     name = codec_override if codec_override is not None else package["pretrained"]
     if not isinstance(name, (str, os.PathLike)):
@@ -142,7 +134,7 @@ def _load_reference(package: dict[str, Any], origin: str, codec_override: str | 
         raise CheckpointError(f"{origin} refers to audiocraft's {name!r} codec, which is not supported; only "
                               f"EnCodec models are (e.g. facebook/encodec_32khz)")
     try:
-        return Codec.from_pretrained(name, n_q=n_q, stereo_interleaved=stereo_interleaved)
+        return Codec.from_pretrained(name, stereo_interleaved=stereo_interleaved)
     except MissingCheckpointFileError as error:
         if codec_override is not None:
             raise
@@ -153,10 +145,12 @@ def _load_reference(package: dict[str, Any], origin: str, codec_override: str | 
 
 
 # ---------------------------------------------------------------------------------------------------- xp.cfg
-def _section(xp_cfg: dict[str, Any], key: str) -> dict[str, Any]:
+def _section(xp_cfg: dict[str, Any], key: str, known: set[str] | frozenset[str]) -> dict[str, Any]:
+    """The mapping at `key` (a copy), holding only options audiocraft's builder accepts."""
     value = _require_value(xp_cfg, key)
     if not isinstance(value, dict):
         raise CheckpointError(f"xp.cfg {key} is a {type(value).__name__}, expected a mapping")
+    _check_known(key, value, known)
     return dict(value)
 
 
@@ -188,10 +182,9 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
 
 def _seanet_kwargs(xp_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Encoder and decoder constructor arguments, merged as get_encodec_autoencoder does."""
-    section = _section(xp_cfg, "seanet")
+    section = _section(xp_cfg, "seanet", {*SEANET_DEFAULTS, "encoder", "decoder"})
     encoder_override = section.pop("encoder", None) or {}
     decoder_override = section.pop("decoder", None) or {}
-    _check_known("seanet", section, set(SEANET_DEFAULTS))
     _check_known("seanet.encoder", encoder_override, set(SEANET_DEFAULTS))
     _check_known("seanet.decoder", decoder_override, set(SEANET_DEFAULTS) | set(DECODER_ONLY_DEFAULTS))
     encoder = {**SEANET_DEFAULTS, **section, **encoder_override}
@@ -243,22 +236,11 @@ def _check_seanet(seanet: dict[str, Any], decoder: dict[str, Any]) -> None:
              and (seanet["causal"] or trim == 1.0), "must be in [0, 1], and 1.0 unless causal")
 
 
-def _rvq_kwargs(xp_cfg: dict[str, Any]) -> dict[str, Any]:
-    section = _section(xp_cfg, "rvq")
-    _check_known("rvq", section, set(RVQ_DEFAULTS))
-    rvq = {**RVQ_DEFAULTS, **section}
-    _positive_int("rvq.n_q", rvq["n_q"])
-    bins = _positive_int("rvq.bins", rvq["bins"], minimum=2)
-    _require("rvq.bins", bins, bins & (bins - 1) == 0, "the codebook size must be a power of two")
-    return rvq
-
-
 def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, int]:
     """The transformers config for the model audiocraft's get_compression_model would build, and its n_q."""
     model_kind = _require_value(xp_cfg, "compression_model")
     _require("compression_model", model_kind, model_kind == "encodec", "only EnCodec compression models exist here")
-    encodec = _section(xp_cfg, "encodec")
-    _check_known("encodec", encodec, ENCODEC_KEYS)
+    encodec = _section(xp_cfg, "encodec", ENCODEC_KEYS)
     _require("encodec.autoencoder", encodec.get("autoencoder"), encodec.get("autoencoder") == "seanet",
              "only the SEANet autoencoder is implemented")
     _require("encodec.quantizer", encodec.get("quantizer"), encodec.get("quantizer") == "rvq",
@@ -271,7 +253,10 @@ def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, i
     sample_rate = _positive_int("encodec.sample_rate", encodec.get("sample_rate"))
     seanet, decoder = _seanet_kwargs(xp_cfg)
     _check_seanet(seanet, decoder)
-    rvq = _rvq_kwargs(xp_cfg)
+    rvq = {**RVQ_DEFAULTS, **_section(xp_cfg, "rvq", set(RVQ_DEFAULTS))}
+    _positive_int("rvq.n_q", rvq["n_q"])
+    bins = _positive_int("rvq.bins", rvq["bins"], minimum=2)
+    _require("rvq.bins", bins, bins & (bins - 1) == 0, "the codebook size must be a power of two")
     hop = math.prod(seanet["ratios"])
     _require("seanet.ratios", seanet["ratios"], sample_rate % hop == 0,
              f"the hop length {hop} must divide encodec.sample_rate={sample_rate} (whole frames per second)")
@@ -300,23 +285,9 @@ def map_audiocraft_key(key: str) -> str | None:
 
 def load_mapped_state(model: EncodecModel, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load audiocraft weights into `model` strictly: every key mapped, none missing, every shape equal."""
-    mapped: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    for key, tensor in state.items():
-        target = map_audiocraft_key(key)
-        if target is None:
-            unmapped.append(f"{key} (no mapping rule)")
-        else:
-            mapped[target] = tensor
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in mapped]
-    unexpected = [k for k in mapped if k not in expected] + unmapped
-    shapes = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        details = describe_key_mismatch(missing, unexpected)
-        if shapes:
-            details = "; ".join(filter(None, [details, f"shape mismatches ({len(shapes)}): " + ", ".join(shapes[:20])]))
+    mapped = {map_audiocraft_key(key) or f"{key} (no mapping rule)": tensor for key, tensor in state.items()}
+    problems = state_mismatch(mapped, {key: tuple(value.shape) for key, value in model.state_dict().items()})
+    if problems:
         raise CheckpointError(f"the codec weights in {origin} do not match the EnCodec that its xp.cfg describes "
-                              f"(keys after mapping audiocraft names to transformers names): {details}")
+                              f"(keys after mapping audiocraft names to transformers names): {problems}")
     model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True)

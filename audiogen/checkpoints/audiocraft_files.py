@@ -77,10 +77,6 @@ def parse_xp_cfg(raw: Any, origin: str | os.PathLike[str]) -> dict[str, Any]:
     return raw
 
 
-def has_state(package: dict[str, Any]) -> bool:
-    return any(key in package for key in STATE_KEYS)
-
-
 def select_best_state(package: dict[str, Any], origin: str | os.PathLike[str],
                       layout_help: str) -> dict[str, torch.Tensor]:
     """The flat model weights, wherever audiocraft put them (a shallow copy: callers may pop and rename).

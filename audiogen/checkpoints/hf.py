@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, EncodecModel, MusicgenConfig, T5EncoderModel
 
-from audiogen.checkpoints import LoadedCheckpoint, describe_key_mismatch
+from audiogen.checkpoints import LoadedCheckpoint, state_mismatch
 from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
@@ -24,6 +24,11 @@ from audiogen.text import check_tokenizer, load_text_encoder
 
 _DECODER = "decoder.model.decoder."
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_RENAMED_PREFIXES = {_DECODER + "embed_tokens.": "embeddings.", _DECODER + "layer_norm.": "out_norm.",
+                     "decoder.lm_heads.": "heads."}
+# Native fused projection -> the transformers projections concatenated into it, in order.
+_FUSED = {"self_attn.in_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "cross_attn.kv_proj": ("encoder_attn.k_proj", "encoder_attn.v_proj")}
 _LAYER_RENAMES = {
     "self_attn_layer_norm": "self_attn_norm",
     "self_attn.out_proj": "self_attn.out_proj",
@@ -63,7 +68,8 @@ def musicgen_config(hf: MusicgenConfig, root: Path) -> AudioGenConfig:
     if decoder.scale_embedding:
         raise CheckpointError("decoder.scale_embedding=True is not supported")
     channels = decoder.audio_channels
-    generation = _generation_config(root)
+    generation_file = root / "generation_config.json"
+    generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
     frame_rate = audio.sampling_rate // audio.hop_length
     # MusicGen's window is its 30 s training segment; a generation_config.json may say otherwise (its
     # max_length counts frames plus the start token), unless it is transformers' generic default of 20.
@@ -80,30 +86,19 @@ def musicgen_config(hf: MusicgenConfig, root: Path) -> AudioGenConfig:
         guidance_scale=float(generation.get("guidance_scale", 3.0)), name="musicgen")
 
 
-def _generation_config(root: Path) -> dict:
-    path = root / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def split_decoder(state: dict[str, torch.Tensor], num_codebooks: int) -> dict[str, torch.Tensor]:
+def split_decoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers decoder keys -> native LM keys (q/k/v fused for self-attention, k/v for cross)."""
     native: dict[str, torch.Tensor] = {}
-    prefix_len = len(_DECODER)
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
-        if key.startswith(_DECODER + "embed_tokens."):
-            native["embeddings." + key[prefix_len + len("embed_tokens."):]] = value
-        elif key.startswith(_DECODER + "layer_norm."):
-            native["out_norm." + key[prefix_len + len("layer_norm."):]] = value
+        prefix = next((p for p in _RENAMED_PREFIXES if key.startswith(p)), None)
+        if prefix is not None:
+            native[_RENAMED_PREFIXES[prefix] + key[len(prefix):]] = value
         elif key.startswith(_DECODER + "layers."):
-            match = _LAYER.match(key[prefix_len:])
+            match = _LAYER.match(key[len(_DECODER):])
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = value
-        elif key.startswith("decoder.lm_heads."):
-            native["heads." + key[len("decoder.lm_heads."):]] = value
     for index, parts in layers.items():
-        fused = {"self_attn.in_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 "cross_attn.kv_proj": ("encoder_attn.k_proj", "encoder_attn.v_proj")}
-        for target, sources in fused.items():
+        for target, sources in _FUSED.items():
             for kind in ("weight", "bias"):
                 pieces = [parts.pop(f"{source}.{kind}", None) for source in sources]
                 if all(p is not None for p in pieces):
@@ -121,10 +116,10 @@ def _submodule(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("embed_positions.weights")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{what} weights do not match: {describe_key_mismatch(missing, result.unexpected_keys)}")
+    problems = state_mismatch(state, {key: tuple(value.shape) for key, value in module.state_dict().items()})
+    if problems:
+        raise CheckpointError(f"{what} weights do not match: {problems}")
+    module.load_state_dict(state)
 
 
 def load_transformers_musicgen(root: Path, *, text_encoder: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
@@ -155,6 +150,6 @@ def load_transformers_musicgen(root: Path, *, text_encoder: str | os.PathLike[st
     if proj is not None and tuple(proj["weight"].shape) != (config.dim, t5.config.d_model):
         raise CheckpointError(f"enc_to_dec_proj.weight has shape {tuple(proj['weight'].shape)}, expected "
                               f"({config.dim}, {t5.config.d_model}) for this text encoder")
-    lm_state = split_decoder(state, config.num_codebooks)
+    lm_state = split_decoder(state)
     return LoadedCheckpoint(config=config, lm_state=lm_state, text_proj_state=proj, t5=t5.eval(),
                             tokenizer=tokenizer, codec=codec, source={"format": "transformers"})
