@@ -357,7 +357,7 @@ def _infer_format(destination: str) -> str:
     )
 
 
-def _atomic_write_local(path: str, data: bytes) -> None:
+def atomic_write_local(path: str, data: bytes) -> None:
     """Readers see either the old file or the complete new one, never a prefix: temp file, fsync, rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -402,7 +402,7 @@ def write_audio(
     data = encode_audio(audio, sample_rate, format or _infer_format(destination), subtype)
     fs, path = fsspec.core.url_to_fs(destination, **(storage_options or {}))
     if isinstance(fs, LocalFileSystem):
-        _atomic_write_local(path, data)
+        atomic_write_local(path, data)
     else:
         fs.pipe_file(path, data)
     return len(data)

@@ -18,7 +18,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from audiogen.io import _atomic_write_local
+from audiogen.io import atomic_write_local
 from audiogen.options import option
 
 
@@ -46,7 +46,7 @@ class Storage:
         """Atomic write: temp file + fsync + os.replace locally (as `audiogen.io.write_audio` does), a single PUT on
         object stores."""
         if self.local:
-            _atomic_write_local(self._full(relative), data)
+            atomic_write_local(self._full(relative), data)
         else:
             self.fs.pipe_file(self._full(relative), data)
 
