@@ -8,7 +8,6 @@ on the sizes never changing under it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,8 +162,7 @@ class AudioGenConfig:
         """A named size (`tiny`, `small`, `medium`, `large`) with any field overridden."""
         if size not in PRESETS:
             raise InvalidConfigError("preset", f"unknown size {size!r}; choose one of {sorted(PRESETS)}")
-        values = dict(PRESETS[size])
-        values.update(overrides)
+        values = {**PRESETS[size], **overrides}
         if "dim" in overrides and "ffn_dim" not in overrides:
             values["ffn_dim"] = 4 * values["dim"]
         return cls.from_dict(values)
@@ -175,21 +173,12 @@ class AudioGenConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidConfigError(unknown[0], f"unknown config field(s) {unknown}")
-        values = dict(values)
-        if values.get("delays") is not None:
-            values["delays"] = tuple(values["delays"])
-        return cls(**values)
+        return cls(**values)  # `__post_init__` turns a JSON list of delays into a tuple
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["delays"] = list(self.delays)
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def replace(self, **changes: Any) -> "AudioGenConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def default_delays(n_q: int, audio_channels: int) -> tuple[int, ...]:

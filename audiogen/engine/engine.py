@@ -166,16 +166,12 @@ class Engine:
             if not handle.done():
                 self.cancel(handle)
 
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
     def snapshot(self) -> EngineSnapshot:
         """Load and liveness at this instant (health checks, metrics, autoscaling signals)."""
         with self._wake:
-            alive = not self._closing
             failure = self._failure
             return EngineSnapshot(
-                alive=alive, busy_slots=self.batch.active, max_slots=self.batch.max_slots,
+                alive=not self._closing, busy_slots=self.batch.active, max_slots=self.batch.max_slots,
                 queue_depth=len(self._queue), max_queued=self.max_queued,
                 error=None if failure is None else f"{type(failure).__name__}: {failure}",
                 mean_occupancy=self.stats.mean_occupancy, steps=self.stats.steps,
@@ -239,7 +235,11 @@ class Engine:
     def _drive(self, handles: list[RequestHandle]) -> None:
         """Step in the calling thread until `handles` are done (or wait for the loop thread doing it)."""
         with self._cpu_threads():
-            self._step_until_done(handles)
+            while self._thread is None and not all(handle.done() for handle in handles):
+                with self._step_lock:  # else the loop thread steps; the caller only waits
+                    if self._closing or not self._has_work():
+                        break
+                    self._iterate_guarded()
         # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
         futures.wait([handle.future for handle in handles])
 
@@ -247,24 +247,13 @@ class Engine:
     def _cpu_threads(self) -> Iterator[None]:
         """The engine's CPU thread count for the stepping thread (per-thread in OpenMP), restored afterwards: a
         caller that reserved its cores for a loop thread still steps with all of them."""
-        if self.device.type != "cpu":
-            yield
-            return
         previous = torch.get_num_threads()
-        torch.set_num_threads(self.cpu_threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)
         try:
             yield
         finally:
             torch.set_num_threads(previous)
-
-    def _step_until_done(self, handles: list[RequestHandle]) -> None:
-        while not all(handle.done() for handle in handles):
-            if self._thread is not None:  # the loop thread steps; the caller only waits
-                return
-            with self._step_lock:
-                if self._closing or not self._has_work():
-                    break
-                self._iterate_guarded()
 
     def _loop(self) -> None:
         with self._cpu_threads():

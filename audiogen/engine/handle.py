@@ -41,7 +41,7 @@ class GenerationResult:
 
     @property
     def seed(self) -> int:
-        return self.request.seed
+        return self.request.sampling.seed
 
     @property
     def duration(self) -> float:
@@ -62,10 +62,6 @@ class RequestHandle:
         self.streamed_frames = 0
         self._cancelled = threading.Event()
         self.slot: int | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
 
     @property
     def cancelled(self) -> bool:
@@ -94,7 +90,7 @@ class RequestHandle:
         self._end_stream()
 
     def fail_cancelled(self) -> None:
-        self.fail(RequestCancelledError(f"request {self.request_id} was cancelled"))
+        self.fail(RequestCancelledError(f"request {self.request.request_id} was cancelled"))
 
     def send_chunk(self, audio: np.ndarray) -> None:
         if self.timings.first_chunk is None:

@@ -48,10 +48,6 @@ class ResolvedRequest:
     known_frames: torch.Tensor | None  # [total_frames] bool
     metadata: dict[str, Any]
 
-    @property
-    def seed(self) -> int:
-        return self.sampling.seed
-
     def params(self) -> dict[str, Any]:
         """The generation parameters, JSON-friendly (metadata rows, HTTP headers)."""
         return {"prompt": self.prompt, **self.sampling.to_dict(), "frames": self.total_frames}

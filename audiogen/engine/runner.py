@@ -109,9 +109,6 @@ class SlotBatch:
     def free(self) -> int:
         return self.max_slots - len(self.owners)
 
-    def position(self, slot: int) -> int:
-        return int(self.state.pos[slot])
-
     def settled_frames(self, slot: int) -> int:
         """Frames of the clip that are final: earlier windows plus this window's frames whose every codebook
         has been emitted (used to stream audio while the clip is still being generated)."""

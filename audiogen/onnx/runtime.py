@@ -5,11 +5,11 @@ methods of the model's parts, so this backend supplies objects with exactly thos
 ONNX sessions, and everything else (scheduling, admission, CFG, seeded sampling, sliding windows, streaming,
 cancellation, the Python API) is the same code as for PyTorch:
 
-- `OnnxTextConditioner` (`model.text`): `token_ids(prompts)` (the same length checks), and
-  `__call__(prompts) -> (text, mask)`. Its `text` is what this backend's LM consumes: the per-layer
-  cross-attention keys/values that `text_encoder.onnx` computes, packed on the feature axis
-  ([B, L, layers * 2 * dim]); the engine treats `text` as opaque and hands it to `lm.project_text`. Encodings are
-  cached per prompt, like `TextConditioner`'s.
+- `OnnxTextConditioner` (`model.text`): `token_ids(prompts)` and `__call__(prompts) -> (text, mask)` with the
+  same length checks and prompt cache as `TextConditioner` (both are `audiogen.text.PromptEncoder`s). Its `text`
+  is what this backend's LM consumes: the per-layer cross-attention keys/values that `text_encoder.onnx`
+  computes, packed on the feature axis ([B, L, layers * 2 * dim]); the engine treats `text` as opaque and hands
+  it to `lm.project_text`.
 - `OnnxLanguageModel` (`model.lm`): `project_text` unpacks those keys/values; `step` and `prefill` run
   `lm_step.onnx` over the same `KVCache` (torch CPU float32 tensors) as the PyTorch LM: the attended part of the
   cache is handed to onnxruntime as numpy arrays and the graph's new keys/values are written back into it, at
@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,7 @@ from audiogen.model import AudioGen
 from audiogen.onnx.export import (AUDIO_DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS, FORMAT, LM_STEP_FILE,
                                   META_FILE, STEP_INPUTS, STEP_OUTPUTS, TEXT_ENCODER_FILE, TEXT_INPUTS,
                                   TEXT_OUTPUTS, file_digest)
-from audiogen.text import TextConditioner
+from audiogen.text import PromptEncoder
 
 REQUIRED_FILES = {
     META_FILE: "the export description (config, file names, rates)",
@@ -147,45 +145,12 @@ class OnnxSessions:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-class OnnxTextConditioner(nn.Module):
+class OnnxTextConditioner(PromptEncoder):
     """prompts -> (packed cross-attention keys/values [B, L, layers * 2 * dim], mask [B, L] bool)."""
 
-    def __init__(self, sessions: OnnxSessions, tokenizer: Any, config: AudioGenConfig, *, max_tokens: int,
-                 cache_bytes: int = 256 << 20) -> None:
-        super().__init__()
+    def __init__(self, sessions: OnnxSessions, tokenizer: Any, config: AudioGenConfig, *, max_tokens: int) -> None:
+        super().__init__(tokenizer, max_tokens=max_tokens, width=config.num_layers * 2 * config.dim)
         self.sessions = sessions
-        self.tokenizer = tokenizer
-        self.config = config
-        self.max_tokens = max_tokens
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> packed keys/values [L, F]
-        self._cache_bytes = cache_bytes
-        self._cached_bytes = 0
-        self._lock = threading.Lock()
-
-    token_ids = TextConditioner.token_ids  # same tokenization and length limit, naming the offending prompt
-
-    @property
-    def packed_dim(self) -> int:
-        return self.config.num_layers * 2 * self.config.dim
-
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p.strip() and p not in self._cache]
-            encoded = dict(zip(missing, self._encode(missing))) if missing else {}
-            rows = [None if not p.strip() else encoded[p] if p in encoded else self._cache[p] for p in prompts]
-            for prompt, row in encoded.items():
-                self._remember(prompt, row)
-            for prompt in prompts:
-                if prompt in self._cache:
-                    self._cache.move_to_end(prompt)
-        length = max([1] + [row.shape[0] for row in rows if row is not None])
-        packed = torch.zeros((len(prompts), length, self.packed_dim))
-        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
-        for index, row in enumerate(rows):
-            if row is not None:
-                packed[index, :row.shape[0]] = row
-                mask[index, :row.shape[0]] = True
-        return packed, mask
 
     def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = self.token_ids(prompts)
@@ -198,16 +163,6 @@ class OnnxTextConditioner(nn.Module):
         packed = torch.from_numpy(np.ascontiguousarray(kv)).reshape(len(prompts), input_ids.shape[1], -1)
         return [packed[index, :int(attention[index].sum())].clone() for index in range(len(prompts))]
 
-    def _remember(self, prompt: str, row: torch.Tensor) -> None:
-        size = row.numel() * row.element_size()
-        if size > self._cache_bytes:
-            return
-        self._cache[prompt] = row
-        self._cached_bytes += size
-        while self._cached_bytes > self._cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.numel() * old.element_size()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 class OnnxLanguageModel(nn.Module):
@@ -217,10 +172,6 @@ class OnnxLanguageModel(nn.Module):
         super().__init__()
         self.sessions = sessions
         self.config = config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
 
     def project_text(self, packed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Packed keys/values from `OnnxTextConditioner` -> per-layer (keys, values) [B, H, L, hd] (views)."""
@@ -232,43 +183,38 @@ class OnnxLanguageModel(nn.Module):
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_rows: int,
              length: int) -> torch.Tensor:
         """Logits [R, K, card] for one new position per cache row 0..R-1 (as `LanguageModel.step`)."""
-        _check_cache(cache)
-        _single_threaded_torch()
         rows = slice(0, num_rows)
         # The attended window 0..length-1 (the row's own position is masked in `past` and comes back as new_*).
-        past_keys = _array(cache.keys[:, rows, :, :length])
-        past_values = _array(cache.values[:, rows, :, :length])
-        logits, keys, values = self._run(tokens[:, :, None], positions[:, None], past_keys, past_values, cache,
-                                          rows)
-        keys, values = torch.from_numpy(keys), torch.from_numpy(values)
+        logits, keys, values = self._run(tokens[:, :, None], positions[:, None], cache.keys[:, rows, :, :length],
+                                         cache.values[:, rows, :, :length], cache, rows)
         for layer in range(self.config.num_layers):
             cache.write_step(layer, positions, keys[layer], values[layer], length)
-        return torch.from_numpy(logits)
+        return logits
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, rows: slice) -> None:
         """Write the keys/values of a known prefix (positions 0..P-1) of cache rows `rows` in one graph call."""
-        _check_cache(cache)
-        _single_threaded_torch()
         c = self.config
         batch, _, length = tokens.shape
-        past = np.zeros((c.num_layers, batch, c.num_heads, 1, c.head_dim), dtype=np.float32)
+        past = torch.zeros((c.num_layers, batch, c.num_heads, 1, c.head_dim))
         positions = torch.arange(length, dtype=torch.long)[None, :].expand(batch, -1)
         _, keys, values = self._run(tokens, positions, past, past, cache, rows)
-        keys, values = torch.from_numpy(keys), torch.from_numpy(values)
         for layer in range(c.num_layers):
             cache.write_prefix(layer, rows, keys[layer], values[layer])
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: np.ndarray, past_values: np.ndarray,
-             cache: KVCache, rows: slice) -> list[np.ndarray]:
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor,
+             past_values: torch.Tensor, cache: KVCache, rows: slice) -> list[torch.Tensor]:
+        """One `lm_step.onnx` call over cache rows `rows` -> (logits, new_keys, new_values) as torch tensors."""
+        _check_cache(cache)
+        _single_threaded_torch()
         length = cache.text_length(rows)  # as `KVCache.text_view` cuts it, with all layers in one tensor
         feeds = {
             "tokens": _array(tokens, np.int64), "positions": _array(positions, np.int64),
-            "past_keys": past_keys, "past_values": past_values,
+            "past_keys": _array(past_keys), "past_values": _array(past_values),
             "cross_keys": _array(cache.text_keys[:, rows, :, :length]),
             "cross_values": _array(cache.text_values[:, rows, :, :length]),
             "cross_mask": _array(cache.text_mask[rows, :length], np.bool_),
         }
-        return self.sessions.step.run(None, feeds)
+        return [torch.from_numpy(output) for output in self.sessions.step.run(None, feeds)]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("the ONNX backend runs generation only; teacher-forced scoring (lm(...)) needs "
@@ -385,7 +331,6 @@ class OnnxAudioGen(AudioGen):
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["backend"] = self.backend
         meta["onnx"] = {"directory": str(self.directory), "opset": self.onnx_meta.get("opset"),
                         "providers": self.lm.sessions.providers}
         return meta
