@@ -79,10 +79,10 @@ class AudioGenConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.delays is None:
-            object.__setattr__(self, "delays", default_delays(self.n_q, self.audio_channels))
-        else:
-            object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
+        delays = self.delays
+        if delays is None:  # audiocraft's: codebook k is delayed k steps; stereo interleaves L/R codebooks per level
+            delays = (k for k in range(self.n_q) for _ in range(self.audio_channels))
+        object.__setattr__(self, "delays", tuple(int(d) for d in delays))
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -180,7 +180,3 @@ class AudioGenConfig:
         data["delays"] = list(self.delays)
         return data
 
-
-def default_delays(n_q: int, audio_channels: int) -> tuple[int, ...]:
-    """audiocraft's delay pattern: codebook k is delayed k steps; stereo interleaves L/R codebooks per level."""
-    return tuple(k for k in range(n_q) for _ in range(audio_channels))

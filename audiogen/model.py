@@ -88,9 +88,9 @@ class AudioGen:
     @classmethod
     def default(cls, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AudioGen":
         """The embedded demo model (`audiogen.defaults`): what every command uses when no model is given."""
-        from audiogen.defaults import default_model
+        from audiogen.defaults import default_model_path
 
-        return default_model(device=device, dtype=dtype)
+        return cls.from_pretrained(default_model_path(), device=device, dtype=dtype)
 
     @classmethod
     def from_onnx(cls, directory: str | os.PathLike[str], *, providers: list[Any] | None = None,
@@ -277,8 +277,8 @@ class AudioGen:
         codes = self.encode(padded, self.sample_rate)
         request = GenerationRequest(prompt=prompt or "", inpaint_codes=codes, inpaint_mask=torch.from_numpy(frame_mask),
                                     sampling=sampling or SamplingParams(), request_id=request_id)
-        kept = _runs(~frame_mask)
-        return AudioEdit(request, original, keep=[(a * hop, min(b * hop, original.shape[-1])) for a, b in kept],
+        return AudioEdit(request, original, keep=[(a * hop, min(b * hop, original.shape[-1]))
+                                                  for a, b in _runs(~frame_mask)],
                          fade=min(hop, 160), trim=original.shape[-1])
 
     # ------------------------------------------------------------------ codec
@@ -365,9 +365,7 @@ class AudioEdit:
     def finish(self, audio: np.ndarray, *, keep_original: bool = True) -> np.ndarray:
         """The engine's audio -> the edited clip (the input kept where it was not regenerated, if asked)."""
         generated = audio if self.trim is None else audio[:, :self.trim]
-        if not keep_original:
-            return generated
-        return _splice(self.original, generated, self.keep, fade=self.fade)
+        return _splice(self.original, generated, self.keep, fade=self.fade) if keep_original else generated
 
 
 def _as_channels_first(audio: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -413,11 +411,10 @@ def _splice(original: np.ndarray, generated: np.ndarray, keep: list[tuple[int, i
     for start, stop in keep:
         stop = min(stop, original.shape[-1])
         weight = np.ones(stop - start, dtype=np.float32)
+        n = min(fade, stop - start)
         if start > 0:
-            n = min(fade, stop - start)
             weight[:n] = np.linspace(0, 1, n, endpoint=False, dtype=np.float32)
         if stop < total:
-            n = min(fade, stop - start)
             weight[len(weight) - n:] = np.minimum(weight[len(weight) - n:],
                                                   np.linspace(1, 0, n, endpoint=False, dtype=np.float32))
         out[:, start:stop] = weight * original[:, start:stop] + (1 - weight) * out[:, start:stop]

@@ -89,11 +89,10 @@ class Engine:
         self.model = model
         self.config = config
         self.device = model.device
-        self.dtype = model.dtype
-        check_memory_budget(config, slots=max_batch_slots, steps=steps, device=self.device, dtype=self.dtype,
+        check_memory_budget(config, slots=max_batch_slots, steps=steps, device=self.device, dtype=model.dtype,
                             fraction=memory_fraction)
         self.batch = SlotBatch(model.lm, max_slots=max_batch_slots, max_frames=config.max_frames,
-                               device=self.device, dtype=self.dtype, compile=compile)
+                               device=self.device, dtype=model.dtype, compile=compile)
         self.max_queued = max_queued_requests
         self.admission_order = admission_order
         self.decode_audio = decode_audio
@@ -101,7 +100,7 @@ class Engine:
         self.stream_context = stream_context_frames
         self.stream_lookahead = stream_lookahead_frames
         self.cpu_threads = cpu_threads or engine_threads()
-        self.stats = EngineStats(max_batch_slots)
+        self.stats = EngineStats()
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition()
         self._step_lock = threading.Lock()
@@ -213,7 +212,6 @@ class Engine:
                 self.stats.rejected += 1
                 raise QueueFullError(self.max_queued)
             self._queue.append(handle)
-            self.stats.submitted += 1
             self._wake.notify()
         return handle
 
@@ -324,43 +322,35 @@ class Engine:
                 handle.fail(error)
             return
         now = time.perf_counter()
-        slots = self.batch.admit(handles, [h.request for h in handles], text, mask)
-        for handle, slot in zip(handles, slots):
-            handle.slot = slot
+        self.batch.admit(handles, [h.request for h in handles], text, mask)
+        for handle in handles:
             handle.timings.admitted = now
-        self.stats.admitted += len(handles)
 
     def _drop_cancelled(self) -> None:
-        for slot in sorted((h.slot for h in self.batch.owners if h.cancelled), reverse=True):
+        # from the last slot down: a release moves the last active slot into the freed one
+        for slot in reversed([slot for slot, handle in enumerate(self.batch.owners) if handle.cancelled]):
             handle = self.batch.owners[slot]
-            self._release(slot)
+            self.batch.release(slot)
             self.stats.cancelled += 1
             handle.fail_cancelled()
-
-    def _release(self, slot: int) -> None:
-        moved = self.batch.release(slot)
-        if moved is not None:
-            moved.slot = slot
 
     def _stream_settled(self, done: list[int]) -> None:
         for slot, handle in enumerate(self.batch.owners):
             if handle.on_chunk is None or not self.decode_audio:
                 continue
-            total = self.batch.total_frames(slot)
-            settled = self.batch.settled_frames(slot)
-            end = total if slot in done else settled - self.stream_lookahead
+            settled = self.batch.settled_frames(slot)  # the whole clip once it is done
+            end = settled if slot in done else settled - self.stream_lookahead
             if end - handle.streamed_frames < (1 if slot in done else self.stream_chunk):
                 continue
             start = max(0, handle.streamed_frames - self.stream_context)
-            codes = self.batch.clip_codes(slot, frames=settled if slot not in done else total, start=start)
+            codes = self.batch.clip_codes(slot, frames=settled, start=start)
             self._audio.chunk(handle, codes, handle.streamed_frames - start, end - handle.streamed_frames)
             handle.streamed_frames = end
 
     def _complete(self, slot: int) -> None:
         handle: RequestHandle = self.batch.owners[slot]
         codes = self.batch.clip_codes(slot)
-        self._release(slot)
-        self.stats.finished += 1
+        self.batch.release(slot)
         self.stats.audio_seconds += codes.shape[1] / self.config.frame_rate
 
         def finish(audio: np.ndarray | None) -> None:

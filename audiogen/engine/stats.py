@@ -10,10 +10,6 @@ from dataclasses import dataclass
 
 @dataclass
 class EngineStats:
-    max_slots: int
-    submitted: int = 0
-    admitted: int = 0
-    finished: int = 0
     cancelled: int = 0
     rejected: int = 0
     steps: int = 0

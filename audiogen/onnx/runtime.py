@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
+from audiogen.engine.cpu import engine_threads
 from audiogen.errors import CheckpointError, InvalidRequestError, MissingCheckpointFileError
 from audiogen.kv_cache import KVCache
 from audiogen.model import AudioGen
@@ -72,13 +74,21 @@ def load_onnx_model(directory: str | os.PathLike[str], *, providers: list[Any] |
         described = ", ".join(f"{name} ({REQUIRED_FILES[name]})" for name in missing)
         raise MissingCheckpointFileError(f"ONNX model directory {root} is incomplete: missing {described}. "
                                          f"Re-run `audiogen export-onnx MODEL {root}`")
-    meta = _read_meta(root / META_FILE)
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{root / META_FILE} is not valid JSON: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root / META_FILE} is not an audiogen ONNX description (expected format {FORMAT!r})")
     try:
         config = AudioGenConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{root / META_FILE} has no valid model config: {error}") from error
     sessions = OnnxSessions(root, providers=providers, threads=threads)
-    tokenizer = _load_tokenizer(root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"cannot load the tokenizer in {root}: {error}") from error
     text = OnnxTextConditioner(sessions, tokenizer, config, max_tokens=int(meta.get("text", {}).get(
         "max_tokens", config.max_text_tokens)))
     codec = OnnxCodec(sessions, meta.get("codec", {}), config)
@@ -86,25 +96,6 @@ def load_onnx_model(directory: str | os.PathLike[str], *, providers: list[Any] |
     source = {"format": FORMAT, "path": str(root), "exported_from": meta.get("source", {}),
               "exported_from_checksum": meta.get("source_checksum")}
     return OnnxAudioGen(config, lm, text, codec, source=source, directory=root, meta=meta)
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an audiogen ONNX description (expected format {FORMAT!r})")
-    return meta
-
-
-def _load_tokenizer(root: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
-        raise CheckpointError(f"cannot load the tokenizer in {root}: {error}") from error
 
 
 class OnnxSessions:
@@ -115,11 +106,7 @@ class OnnxSessions:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads is None:
-            from audiogen.engine.cpu import engine_threads
-
-            threads = engine_threads()
-        options.intra_op_num_threads = max(1, int(threads))
+        options.intra_op_num_threads = max(1, int(engine_threads() if threads is None else threads))
         options.inter_op_num_threads = 1
         # Workers that spin after a run compete with the engine's own work between runs (sampling, cache copies):
         # measured 3.8-7.3 ms per tiny-model step with spinning vs 0.6-1.3 ms without (2 cores).
@@ -204,8 +191,15 @@ class OnnxLanguageModel(nn.Module):
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor,
              past_values: torch.Tensor, cache: KVCache, rows: slice) -> list[torch.Tensor]:
         """One `lm_step.onnx` call over cache rows `rows` -> (logits, new_keys, new_values) as torch tensors."""
-        _check_cache(cache)
-        _single_threaded_torch()
+        if cache.keys.device.type != "cpu" or cache.keys.dtype != torch.float32:
+            raise InvalidRequestError("dtype", f"the ONNX backend needs a float32 CPU KV cache, got "
+                                               f"{cache.keys.dtype} on {cache.keys.device}", limit="float32 on cpu")
+        # The thread's remaining torch work (cache copies, sampling) runs on one core: onnxruntime's pool owns the
+        # cores here. Beside it, an OpenMP pool of torch's, spinning after each parallel copy, kept onnxruntime's
+        # workers from their cores: steps with 32 rows took 10-25 ms instead of 0.5 ms (tiny model, 2 cores).
+        # `torch.set_num_threads` applies to the calling thread only (the engine's loop thread).
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
         length = cache.text_length(rows)  # as `KVCache.text_view` cuts it, with all layers in one tensor
         feeds = {
             "tokens": _array(tokens, np.int64), "positions": _array(positions, np.int64),
@@ -219,21 +213,6 @@ class OnnxLanguageModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("the ONNX backend runs generation only; teacher-forced scoring (lm(...)) needs "
                                   "the PyTorch backend")
-
-
-def _single_threaded_torch() -> None:
-    """Run the thread's remaining torch work (cache copies, sampling) on one core: onnxruntime's pool owns the
-    cores here. Beside it, an OpenMP pool of torch's, spinning after each parallel copy, kept onnxruntime's
-    workers from their cores: steps with 32 rows took 10-25 ms instead of 0.5 ms (tiny model, 2 cores).
-    `torch.set_num_threads` applies to the calling thread only (the engine's loop thread)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-
-
-def _check_cache(cache: KVCache) -> None:
-    if cache.keys.device.type != "cpu" or cache.keys.dtype != torch.float32:
-        raise InvalidRequestError("dtype", f"the ONNX backend needs a float32 CPU KV cache, got "
-                                           f"{cache.keys.dtype} on {cache.keys.device}", limit="float32 on cpu")
 
 
 _TORCH_DTYPES = {np.float32: torch.float32, np.int64: torch.int64, np.bool_: torch.bool}
@@ -262,15 +241,10 @@ class OnnxCodec(nn.Module):
 
     _check_codes = Codec._check_codes  # same validation and messages as the PyTorch codec
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, num_codebooks, T] -> float32 audio [B, channels, T * hop_length]."""
         self._check_codes(codes)
-        array = np.ascontiguousarray(codes.detach().cpu().numpy(), dtype=np.int64)
-        (audio,) = self.sessions.decoder.run(None, {"codes": array})
+        (audio,) = self.sessions.decoder.run(None, {"codes": _array(codes, np.int64)})
         return torch.from_numpy(audio)
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
