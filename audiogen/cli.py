@@ -50,9 +50,8 @@ def load_model(args: argparse.Namespace):
     """The model named by --model, or the embedded default, on the backend of --backend."""
     from audiogen.loading import open_model
 
-    return open_model(args.model, backend=getattr(args, "backend", None),
-                      text_encoder=getattr(args, "text_encoder", None), device=getattr(args, "device", None),
-                      dtype=getattr(args, "dtype", None))
+    return open_model(args.model, backend=args.backend, text_encoder=args.text_encoder, device=args.device,
+                      dtype=args.dtype)
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +83,8 @@ def run_generate(args: argparse.Namespace) -> int:
 @command("info", add_model_arguments)
 def run_info(args: argparse.Namespace) -> int:
     """Print a model's metadata: sizes, parameter count, rates, limits and source checkpoint."""
-    model = load_model(args)
-    print(json.dumps(model.metadata(), indent=2, default=str))
-    model.close()
+    with load_model(args) as model:
+        print(json.dumps(model.metadata(), indent=2, default=str))
     return 0
 
 
@@ -103,15 +101,12 @@ def _export_onnx_arguments(parser: argparse.ArgumentParser) -> None:
 @command("export-onnx", _export_onnx_arguments)
 def run_export_onnx(args: argparse.Namespace) -> int:
     """Export a model to ONNX: text encoder, LM step and audio decoder graphs, tokenizer and config."""
+    from audiogen.loading import open_model
     from audiogen.onnx.export import export_onnx
 
-    from audiogen.loading import open_model
-
-    model = open_model(args.model, backend="torch", text_encoder=args.text_encoder, device="cpu", dtype="float32")
-    try:
+    with open_model(args.model, backend="torch", text_encoder=args.text_encoder, device="cpu",
+                    dtype="float32") as model:
         out = export_onnx(model, args.output, opset=args.opset, verify=not args.no_verify)
-    finally:
-        model.close()
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     print(json.dumps({"output": str(out), "files": files}))
     return 0

@@ -8,7 +8,6 @@ on the sizes never changing under it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,10 +79,10 @@ class AudioGenConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.delays is None:
-            object.__setattr__(self, "delays", default_delays(self.n_q, self.audio_channels))
-        else:
-            object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
+        delays = self.delays
+        if delays is None:  # audiocraft's: codebook k is delayed k steps; stereo interleaves L/R codebooks per level
+            delays = (k for k in range(self.n_q) for _ in range(self.audio_channels))
+        object.__setattr__(self, "delays", tuple(int(d) for d in delays))
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -163,8 +162,7 @@ class AudioGenConfig:
         """A named size (`tiny`, `small`, `medium`, `large`) with any field overridden."""
         if size not in PRESETS:
             raise InvalidConfigError("preset", f"unknown size {size!r}; choose one of {sorted(PRESETS)}")
-        values = dict(PRESETS[size])
-        values.update(overrides)
+        values = {**PRESETS[size], **overrides}
         if "dim" in overrides and "ffn_dim" not in overrides:
             values["ffn_dim"] = 4 * values["dim"]
         return cls.from_dict(values)
@@ -175,23 +173,10 @@ class AudioGenConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidConfigError(unknown[0], f"unknown config field(s) {unknown}")
-        values = dict(values)
-        if values.get("delays") is not None:
-            values["delays"] = tuple(values["delays"])
-        return cls(**values)
+        return cls(**values)  # `__post_init__` turns a JSON list of delays into a tuple
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["delays"] = list(self.delays)
         return data
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def replace(self, **changes: Any) -> "AudioGenConfig":
-        return dataclasses.replace(self, **changes)
-
-
-def default_delays(n_q: int, audio_channels: int) -> tuple[int, ...]:
-    """audiocraft's delay pattern: codebook k is delayed k steps; stereo interleaves L/R codebooks per level."""
-    return tuple(k for k in range(n_q) for _ in range(audio_channels))

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from audiogen.errors import MissingCheckpointFileError
-from audiogen.model import AudioGen
 
 DEFAULT_MODEL = "default"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "demo"
@@ -34,7 +31,3 @@ def default_model_path() -> Path:
 def resolve_model_spec(spec: str) -> str:
     """`DEFAULT_MODEL` becomes the demo model's directory; every other spec is returned unchanged."""
     return str(default_model_path()) if spec == DEFAULT_MODEL else spec
-
-
-def default_model(*, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AudioGen:
-    return AudioGen.from_pretrained(default_model_path(), device=device, dtype=dtype)

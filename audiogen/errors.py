@@ -27,11 +27,6 @@ class InvalidRequestError(ValueError):
             text += f" (allowed: {limit})"
         super().__init__(text)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly description, used for HTTP 422 bodies and error rows."""
-        value = self.value if isinstance(self.value, (int, float, str, bool, type(None))) else repr(self.value)
-        return {"field": self.field, "message": str(self), "limit": self.limit, "value": value}
-
 
 class InvalidConfigError(ValueError):
     """A model configuration is inconsistent or unsupported (names the field and the rule)."""

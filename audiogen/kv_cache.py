@@ -33,18 +33,6 @@ class KVCache:
         per_row = num_layers * num_heads * head_dim * (max_steps + text_tokens) * 2 * itemsize
         return rows * (per_row + text_tokens)
 
-    @property
-    def rows(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def max_steps(self) -> int:
-        return self.keys.shape[3]
-
-    @property
-    def text_tokens(self) -> int:
-        return self.text_keys.shape[3]
-
     # ------------------------------------------------------------------ text (once per request)
     def store_text(self, rows: slice, text_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Write projected text keys/values [B, H, L, hd] per layer and the key mask [B, L] for `rows`."""

@@ -283,10 +283,8 @@ class LanguageModel(nn.Module):
             with torch.no_grad():
                 weight.copy_(values)
 
-        for emb in self.embeddings:
-            init_linear(emb.weight, None)
-        for head in self.heads:
-            init_linear(head.weight, None)
+        for module in [*self.embeddings, *self.heads]:
+            init_linear(module.weight, None)
         for depth, layer in enumerate(self.layers):
             for module in layer.modules():
                 if isinstance(module, nn.Linear):

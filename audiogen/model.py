@@ -28,6 +28,7 @@ from audiogen.io import convert_audio
 from audiogen.lm import LanguageModel
 from audiogen.sampling_params import SamplingParams
 from audiogen.text import TextConditioner
+from audiogen.validation import check_number
 
 _LIVE_MODELS: "weakref.WeakSet[AudioGen]" = weakref.WeakSet()
 
@@ -36,10 +37,6 @@ _LIVE_MODELS: "weakref.WeakSet[AudioGen]" = weakref.WeakSet()
 def _close_live_models() -> None:
     for model in list(_LIVE_MODELS):
         model.close()
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class AudioGen:
@@ -64,7 +61,7 @@ class AudioGen:
         self.device = torch.device("cpu")
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
-        self.to(device=device or default_device(), lm_dtype=dtype)
+        self.to(device=device or ("cuda" if torch.cuda.is_available() else "cpu"), lm_dtype=dtype)
         _LIVE_MODELS.add(self)
 
     # ------------------------------------------------------------------ loading and saving
@@ -91,9 +88,9 @@ class AudioGen:
     @classmethod
     def default(cls, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AudioGen":
         """The embedded demo model (`audiogen.defaults`): what every command uses when no model is given."""
-        from audiogen.defaults import default_model
+        from audiogen.defaults import default_model_path
 
-        return default_model(device=device, dtype=dtype)
+        return cls.from_pretrained(default_model_path(), device=device, dtype=dtype)
 
     @classmethod
     def from_onnx(cls, directory: str | os.PathLike[str], *, providers: list[Any] | None = None,
@@ -224,7 +221,7 @@ class AudioGen:
         """
         edit = self.continuation_request(audio, sample_rate, prompt, extension_seconds=extension_seconds,
                                          sampling=SamplingParams(**sampling))
-        return edit.finish(self._run_one(edit.request).audio, keep_original=keep_original)
+        return edit.finish(self.run([edit.request])[0].audio, keep_original=keep_original)
 
     def inpaint_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int, mask: np.ndarray | torch.Tensor,
                       prompt: str | None = None, *, keep_original: bool = True, **sampling: Any) -> np.ndarray:
@@ -235,7 +232,7 @@ class AudioGen:
         unmasked audio is the input itself and only the gaps come from the codec (short crossfades at edges).
         """
         edit = self.inpaint_request(audio, sample_rate, mask, prompt, sampling=SamplingParams(**sampling))
-        return edit.finish(self._run_one(edit.request).audio, keep_original=keep_original)
+        return edit.finish(self.run([edit.request])[0].audio, keep_original=keep_original)
 
     def continuation_request(self, audio: np.ndarray | torch.Tensor, sample_rate: int, prompt: str | None = None,
                              *, extension_seconds: float = 5.0, sampling: SamplingParams | None = None,
@@ -249,9 +246,8 @@ class AudioGen:
             raise InvalidRequestError("audio", "is shorter than one codec frame", limit=f">= {hop} samples")
         original = original[:, :prefix_frames * hop]
         available = self.config.max_duration - prefix_frames / self.frame_rate
-        if not (isinstance(extension_seconds, (int, float)) and 0 < extension_seconds <= available + 1e-9):
-            raise InvalidRequestError("extension_seconds", f"{extension_seconds!r} is out of range",
-                                      limit=f"0 < extension_seconds <= {available:.2f} s (max_duration minus input)")
+        check_number("extension_seconds", extension_seconds, low=0.0, high=available + 1e-9, low_open=True,
+                     limit=f"0 < extension_seconds <= {available:.2f} s (max_duration minus input)")
         codes = self.encode(original, self.sample_rate)
         total = prefix_frames + int(round(extension_seconds * self.frame_rate))
         request = GenerationRequest(prompt=prompt or "", duration=total / self.frame_rate, prefix_codes=codes,
@@ -281,12 +277,9 @@ class AudioGen:
         codes = self.encode(padded, self.sample_rate)
         request = GenerationRequest(prompt=prompt or "", inpaint_codes=codes, inpaint_mask=torch.from_numpy(frame_mask),
                                     sampling=sampling or SamplingParams(), request_id=request_id)
-        kept = _runs(~frame_mask)
-        return AudioEdit(request, original, keep=[(a * hop, min(b * hop, original.shape[-1])) for a, b in kept],
+        return AudioEdit(request, original, keep=[(a * hop, min(b * hop, original.shape[-1]))
+                                                  for a, b in _runs(~frame_mask)],
                          fade=min(hop, 160), trim=original.shape[-1])
-
-    def _run_one(self, request: GenerationRequest) -> GenerationResult:
-        return self.run([request])[0]
 
     # ------------------------------------------------------------------ codec
     def _prepare_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray:
@@ -337,11 +330,9 @@ class AudioGen:
         }
 
     def _parameter_counts(self) -> dict[str, int]:
-        def count(module: torch.nn.Module) -> int:
-            return sum(p.numel() for p in module.parameters())
-
-        return {"lm": count(self.lm), "text_projection": count(self.text.output_proj),
-                "text_encoder": count(self.text.t5), "codec": count(self.codec)}
+        parts = {"lm": self.lm, "text_projection": self.text.output_proj, "text_encoder": self.text.t5,
+                 "codec": self.codec}
+        return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
     def checksum(self) -> str:
         """sha256 over LM, text projection and codec weights (identifies the model in render metadata)."""
@@ -374,9 +365,7 @@ class AudioEdit:
     def finish(self, audio: np.ndarray, *, keep_original: bool = True) -> np.ndarray:
         """The engine's audio -> the edited clip (the input kept where it was not regenerated, if asked)."""
         generated = audio if self.trim is None else audio[:, :self.trim]
-        if not keep_original:
-            return generated
-        return _splice(self.original, generated, self.keep, fade=self.fade)
+        return _splice(self.original, generated, self.keep, fade=self.fade) if keep_original else generated
 
 
 def _as_channels_first(audio: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -422,11 +411,10 @@ def _splice(original: np.ndarray, generated: np.ndarray, keep: list[tuple[int, i
     for start, stop in keep:
         stop = min(stop, original.shape[-1])
         weight = np.ones(stop - start, dtype=np.float32)
+        n = min(fade, stop - start)
         if start > 0:
-            n = min(fade, stop - start)
             weight[:n] = np.linspace(0, 1, n, endpoint=False, dtype=np.float32)
         if stop < total:
-            n = min(fade, stop - start)
             weight[len(weight) - n:] = np.minimum(weight[len(weight) - n:],
                                                   np.linspace(1, 0, n, endpoint=False, dtype=np.float32))
         out[:, start:stop] = weight * original[:, start:stop] + (1 - weight) * out[:, start:stop]

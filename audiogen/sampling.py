@@ -82,7 +82,7 @@ def sample_tokens(logits: torch.Tensor, *, keys: torch.Tensor, temperature: torc
 
     temperature [S] (0 = greedy), top_k [S] (0 = no cut), top_p [S] (0 = no cut; takes precedence over
     top_k, as in audiocraft), keys [S, K] from `stream_keys`. `num_candidates` must come from
-    `candidates_needed` for the same rows.
+    `sampling_plan` for the same rows.
     """
     vocab = logits.shape[-1]
     greedy = temperature <= 0

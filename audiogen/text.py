@@ -12,8 +12,10 @@ agree exactly: audiocraft's conditional row has no padding then.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,26 +57,21 @@ def check_tokenizer(model: T5EncoderModel, tokenizer: PreTrainedTokenizerBase) -
             f"{model.config.vocab_size} rows: tokenizer and text encoder do not belong together")
 
 
-class TextConditioner(nn.Module):
-    """prompts -> (text [B, L, dim] zero at padding, mask [B, L]) for the LM's cross-attention."""
+class PromptEncoder(nn.Module):
+    """What the PyTorch and ONNX text conditioners share: tokenization with the length limit, and prompts ->
+    (rows [B, L, width] zero at padding, mask [B, L] bool) through a cache of encoded prompts (least recently
+    used evicted beyond `cache_bytes`). Subclasses encode the missing prompts (`_encode`: one [L, width] row each).
+    An empty/whitespace prompt is the null condition: no visible position."""
 
-    def __init__(self, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerBase, *, dim: int, max_tokens: int,
-                 project: bool = True, cache_size: int = 1024) -> None:
+    def __init__(self, tokenizer: Any, *, max_tokens: int, width: int, cache_bytes: int = 256 << 20) -> None:
         super().__init__()
-        check_tokenizer(t5, tokenizer)
-        self.t5 = t5.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
-        text_dim = t5.config.d_model
-        if not project and text_dim != dim:
-            raise CheckpointError(f"text encoder width {text_dim} != LM width {dim} and the checkpoint has no projection")
-        self.output_proj: nn.Module = nn.Linear(text_dim, dim) if project else nn.Identity()
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._cache_size = cache_size
-
-    @property
-    def text_dim(self) -> int:
-        return self.t5.config.d_model
+        self.width = width
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
 
     def token_ids(self, prompts: list[str], field: str = "prompt") -> list[list[int]]:
         """Tokenize and enforce the length limit, naming the offending prompt."""
@@ -87,38 +84,62 @@ class TextConditioner(nn.Module):
         return ids
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts (empty/whitespace = null condition) -> (text [B, L, dim], mask [B, L] bool)."""
-        missing = [p for p in dict.fromkeys(prompts) if p.strip() and p not in self._cache]
-        if missing:
-            self._encode_into_cache(missing)
-        rows = [self._cache[p] if p.strip() else None for p in prompts]
-        for prompt in prompts:
-            if prompt in self._cache:
-                self._cache.move_to_end(prompt)
-        length = max([1] + [r[0].shape[0] for r in rows if r is not None])
-        proj_dim = self._output_dim()
-        text = torch.zeros((len(prompts), length, proj_dim))
+        with self._lock:
+            missing = [p for p in dict.fromkeys(prompts) if p.strip() and p not in self._cache]
+            encoded = dict(zip(missing, self._encode(missing))) if missing else {}
+            rows = [None if not p.strip() else encoded[p] if p in encoded else self._cache[p] for p in prompts]
+            for prompt, row in encoded.items():
+                self._remember(prompt, row)
+            for prompt in prompts:
+                if prompt in self._cache:
+                    self._cache.move_to_end(prompt)
+        length = max([1] + [row.shape[0] for row in rows if row is not None])
+        text = torch.zeros((len(prompts), length, self.width))
         mask = torch.zeros((len(prompts), length), dtype=torch.bool)
         for index, row in enumerate(rows):
             if row is not None:
-                text[index, :row[0].shape[0]] = row[0]
-                mask[index, :row[1].shape[0]] = row[1]
+                text[index, :row.shape[0]] = row
+                mask[index, :row.shape[0]] = True
         return text, mask
 
-    def _output_dim(self) -> int:
-        proj = self.output_proj
-        return proj.out_features if isinstance(proj, nn.Linear) else self.text_dim
+    def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _remember(self, prompt: str, row: torch.Tensor) -> None:
+        size = row.numel() * row.element_size()
+        if size > self._cache_bytes:
+            return
+        self._cache[prompt] = row
+        self._cached_bytes += size
+        while self._cached_bytes > self._cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.numel() * old.element_size()
+
+
+class TextConditioner(PromptEncoder):
+    """prompts -> (text [B, L, dim] zero at padding, mask [B, L]) for the LM's cross-attention."""
+
+    def __init__(self, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerBase, *, dim: int, max_tokens: int,
+                 project: bool = True) -> None:
+        check_tokenizer(t5, tokenizer)
+        text_dim = t5.config.d_model
+        if not project and text_dim != dim:
+            raise CheckpointError(f"text encoder width {text_dim} != LM width {dim} and the checkpoint has no "
+                                  f"projection")
+        super().__init__(tokenizer, max_tokens=max_tokens, width=dim)
+        self.t5 = t5.eval().requires_grad_(False)
+        self.output_proj: nn.Module = nn.Linear(text_dim, dim) if project else nn.Identity()
+
+    @property
+    def text_dim(self) -> int:
+        return self.t5.config.d_model
 
     @torch.inference_mode()
-    def _encode_into_cache(self, prompts: list[str]) -> None:
+    def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = self.token_ids(prompts)
         device = next(self.t5.parameters()).device
         batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         input_ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = self.t5(input_ids=input_ids, attention_mask=attention).last_hidden_state
         projected = self.output_proj(hidden.float()) * attention[..., None]
-        for index, prompt in enumerate(prompts):
-            length = int(attention[index].sum())
-            self._cache[prompt] = (projected[index, :length].cpu(), attention[index, :length].bool().cpu())
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        return [projected[index, :int(attention[index].sum())].to("cpu", copy=True) for index in range(len(prompts))]

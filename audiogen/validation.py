@@ -42,7 +42,7 @@ def check_integer(name: str, value: Any, *, low: int, high: int | None, limit: s
     return number
 
 
-def check_text(name: str, value: Any, *, required: bool = False, max_chars: int | None = None) -> str | None:
+def check_text(name: str, value: Any, *, required: bool = False) -> str | None:
     """A string without NUL characters; `required` also refuses None and blank text."""
     if value is None:
         if required:
@@ -54,6 +54,4 @@ def check_text(name: str, value: Any, *, required: bool = False, max_chars: int 
         raise InvalidRequestError(name, "contains a NUL character", value=value[:80])
     if required and not value.strip():
         raise InvalidRequestError(name, "is empty", limit="at least one non-space character")
-    if max_chars is not None and len(value) > max_chars:
-        raise InvalidRequestError(name, f"has {len(value)} characters", limit=f"at most {max_chars} characters")
     return value

@@ -35,20 +35,16 @@ class _Job:
 
 class AudioDecoder:
     def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], hop_length: int, *, threaded: bool,
-                 max_batch: int = 16, name: str = "audiogen-audio") -> None:
+                 max_batch: int = 16) -> None:
         self._decode = decode
         self._hop = hop_length
         self._max_batch = max_batch
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._streamed: dict[int, list[np.ndarray]] = {}
-        self._thread: threading.Thread | None = None
+        self.threaded = threaded
         if threaded:
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread = threading.Thread(target=self._run, name="audiogen-audio", daemon=True)
             self._thread.start()
-
-    @property
-    def threaded(self) -> bool:
-        return self._thread is not None
 
     def chunk(self, handle: RequestHandle, codes: torch.Tensor, skip_frames: int, emit_frames: int) -> None:
         """Decode `codes` and stream the samples of frames [skip, skip + emit) to the handle."""
@@ -61,24 +57,21 @@ class AudioDecoder:
 
     def drain(self) -> None:
         """Process every queued job on the calling thread (the engine loop, when not threaded)."""
-        backlog: list[_Job] = []
-        while backlog or not self._jobs.empty():
-            job = backlog.pop(0) if backlog else self._jobs.get_nowait()
-            if job is not None:
-                self._process(job, backlog)
+        self._run(block=False)
 
     def close(self) -> None:
-        if self._thread is None:
+        if not self.threaded:
             self.drain()
             return
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ worker
-    def _run(self) -> None:
+    def _run(self, block: bool = True) -> None:
+        """Process jobs until the `None` that `close` sends (or, unless `block`, until the queue is empty)."""
         backlog: list[_Job] = []
-        while True:
-            job = backlog.pop(0) if backlog else self._jobs.get()
+        while block or backlog or not self._jobs.empty():
+            job = backlog.pop(0) if backlog else self._jobs.get(block)
             if job is None:
                 return
             self._process(job, backlog)

@@ -89,11 +89,10 @@ class Engine:
         self.model = model
         self.config = config
         self.device = model.device
-        self.dtype = model.dtype
-        check_memory_budget(config, slots=max_batch_slots, steps=steps, device=self.device, dtype=self.dtype,
+        check_memory_budget(config, slots=max_batch_slots, steps=steps, device=self.device, dtype=model.dtype,
                             fraction=memory_fraction)
         self.batch = SlotBatch(model.lm, max_slots=max_batch_slots, max_frames=config.max_frames,
-                               device=self.device, dtype=self.dtype, compile=compile)
+                               device=self.device, dtype=model.dtype, compile=compile)
         self.max_queued = max_queued_requests
         self.admission_order = admission_order
         self.decode_audio = decode_audio
@@ -101,7 +100,7 @@ class Engine:
         self.stream_context = stream_context_frames
         self.stream_lookahead = stream_lookahead_frames
         self.cpu_threads = cpu_threads or engine_threads()
-        self.stats = EngineStats(max_batch_slots)
+        self.stats = EngineStats()
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._wake = threading.Condition()
         self._step_lock = threading.Lock()
@@ -166,16 +165,12 @@ class Engine:
             if not handle.done():
                 self.cancel(handle)
 
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
     def snapshot(self) -> EngineSnapshot:
         """Load and liveness at this instant (health checks, metrics, autoscaling signals)."""
         with self._wake:
-            alive = not self._closing
             failure = self._failure
             return EngineSnapshot(
-                alive=alive, busy_slots=self.batch.active, max_slots=self.batch.max_slots,
+                alive=not self._closing, busy_slots=self.batch.active, max_slots=self.batch.max_slots,
                 queue_depth=len(self._queue), max_queued=self.max_queued,
                 error=None if failure is None else f"{type(failure).__name__}: {failure}",
                 mean_occupancy=self.stats.mean_occupancy, steps=self.stats.steps,
@@ -217,7 +212,6 @@ class Engine:
                 self.stats.rejected += 1
                 raise QueueFullError(self.max_queued)
             self._queue.append(handle)
-            self.stats.submitted += 1
             self._wake.notify()
         return handle
 
@@ -239,7 +233,11 @@ class Engine:
     def _drive(self, handles: list[RequestHandle]) -> None:
         """Step in the calling thread until `handles` are done (or wait for the loop thread doing it)."""
         with self._cpu_threads():
-            self._step_until_done(handles)
+            while self._thread is None and not all(handle.done() for handle in handles):
+                with self._step_lock:  # else the loop thread steps; the caller only waits
+                    if self._closing or not self._has_work():
+                        break
+                    self._iterate_guarded()
         # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
         futures.wait([handle.future for handle in handles])
 
@@ -247,24 +245,13 @@ class Engine:
     def _cpu_threads(self) -> Iterator[None]:
         """The engine's CPU thread count for the stepping thread (per-thread in OpenMP), restored afterwards: a
         caller that reserved its cores for a loop thread still steps with all of them."""
-        if self.device.type != "cpu":
-            yield
-            return
         previous = torch.get_num_threads()
-        torch.set_num_threads(self.cpu_threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cpu_threads)
         try:
             yield
         finally:
             torch.set_num_threads(previous)
-
-    def _step_until_done(self, handles: list[RequestHandle]) -> None:
-        while not all(handle.done() for handle in handles):
-            if self._thread is not None:  # the loop thread steps; the caller only waits
-                return
-            with self._step_lock:
-                if self._closing or not self._has_work():
-                    break
-                self._iterate_guarded()
 
     def _loop(self) -> None:
         with self._cpu_threads():
@@ -335,43 +322,35 @@ class Engine:
                 handle.fail(error)
             return
         now = time.perf_counter()
-        slots = self.batch.admit(handles, [h.request for h in handles], text, mask)
-        for handle, slot in zip(handles, slots):
-            handle.slot = slot
+        self.batch.admit(handles, [h.request for h in handles], text, mask)
+        for handle in handles:
             handle.timings.admitted = now
-        self.stats.admitted += len(handles)
 
     def _drop_cancelled(self) -> None:
-        for slot in sorted((h.slot for h in self.batch.owners if h.cancelled), reverse=True):
+        # from the last slot down: a release moves the last active slot into the freed one
+        for slot in reversed([slot for slot, handle in enumerate(self.batch.owners) if handle.cancelled]):
             handle = self.batch.owners[slot]
-            self._release(slot)
+            self.batch.release(slot)
             self.stats.cancelled += 1
             handle.fail_cancelled()
-
-    def _release(self, slot: int) -> None:
-        moved = self.batch.release(slot)
-        if moved is not None:
-            moved.slot = slot
 
     def _stream_settled(self, done: list[int]) -> None:
         for slot, handle in enumerate(self.batch.owners):
             if handle.on_chunk is None or not self.decode_audio:
                 continue
-            total = self.batch.total_frames(slot)
-            settled = self.batch.settled_frames(slot)
-            end = total if slot in done else settled - self.stream_lookahead
+            settled = self.batch.settled_frames(slot)  # the whole clip once it is done
+            end = settled if slot in done else settled - self.stream_lookahead
             if end - handle.streamed_frames < (1 if slot in done else self.stream_chunk):
                 continue
             start = max(0, handle.streamed_frames - self.stream_context)
-            codes = self.batch.clip_codes(slot, frames=settled if slot not in done else total, start=start)
+            codes = self.batch.clip_codes(slot, frames=settled, start=start)
             self._audio.chunk(handle, codes, handle.streamed_frames - start, end - handle.streamed_frames)
             handle.streamed_frames = end
 
     def _complete(self, slot: int) -> None:
         handle: RequestHandle = self.batch.owners[slot]
         codes = self.batch.clip_codes(slot)
-        self._release(slot)
-        self.stats.finished += 1
+        self.batch.release(slot)
         self.stats.audio_seconds += codes.shape[1] / self.config.frame_rate
 
         def finish(audio: np.ndarray | None) -> None:

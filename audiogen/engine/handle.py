@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,31 +42,23 @@ class GenerationResult:
 
     @property
     def seed(self) -> int:
-        return self.request.seed
+        return self.request.sampling.seed
 
     @property
     def duration(self) -> float:
         return 0.0 if self.audio is None else self.audio.shape[-1] / self.sample_rate
 
 
-ChunkCallback = Callable[[np.ndarray | None], None]
-
-
 class RequestHandle:
     """A submitted request. `result()` blocks; `cancel()` frees its slot at the next engine step."""
 
-    def __init__(self, request: ResolvedRequest, on_chunk: ChunkCallback | None = None) -> None:
+    def __init__(self, request: ResolvedRequest, on_chunk: Callable[[np.ndarray | None], None] | None = None) -> None:
         self.request = request
         self.future: Future[GenerationResult] = Future()
         self.timings = Timings()
         self.on_chunk = on_chunk
         self.streamed_frames = 0
         self._cancelled = threading.Event()
-        self.slot: int | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
 
     @property
     def cancelled(self) -> bool:
@@ -82,19 +75,13 @@ class RequestHandle:
 
     # ------------------------------------------------------------------ used by the engine threads
     def finish(self, result: GenerationResult) -> None:
-        self.timings.finished = time.perf_counter()
-        if not self.future.done():
-            self.future.set_result(result)
-        self._end_stream()
+        self._settle(self.future.set_result, result)
 
     def fail(self, error: BaseException) -> None:
-        self.timings.finished = time.perf_counter()
-        if not self.future.done():
-            self.future.set_exception(error)
-        self._end_stream()
+        self._settle(self.future.set_exception, error)
 
     def fail_cancelled(self) -> None:
-        self.fail(RequestCancelledError(f"request {self.request_id} was cancelled"))
+        self.fail(RequestCancelledError(f"request {self.request.request_id} was cancelled"))
 
     def send_chunk(self, audio: np.ndarray) -> None:
         if self.timings.first_chunk is None:
@@ -102,7 +89,11 @@ class RequestHandle:
         if self.on_chunk is not None:
             self.on_chunk(audio)
 
-    def _end_stream(self) -> None:
+    def _settle(self, settle: Callable[[Any], None], outcome: Any) -> None:
+        """Resolve the future once (a late failure after the result is ignored) and end the stream."""
+        self.timings.finished = time.perf_counter()
+        if not self.future.done():
+            settle(outcome)
         if self.on_chunk is not None:
             self.on_chunk(None)
             self.on_chunk = None

@@ -6,6 +6,8 @@ than an out-of-memory error (or swapping) in the middle of a job.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from audiogen.config import AudioGenConfig
@@ -18,8 +20,7 @@ GIB = 1024**3
 def available_memory(device: torch.device) -> int:
     """Free bytes on the device: CUDA's free memory, or the host's MemAvailable for the CPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -27,26 +28,18 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def engine_cache_bytes(config: AudioGenConfig, *, slots: int, steps: int, dtype: torch.dtype) -> int:
-    return KVCache.bytes_needed(num_layers=config.num_layers, rows=2 * slots, num_heads=config.num_heads,
-                                head_dim=config.head_dim, max_steps=steps, text_tokens=config.max_text_tokens,
-                                dtype=dtype)
-
-
 def check_memory_budget(config: AudioGenConfig, *, slots: int, steps: int, device: torch.device,
-                        dtype: torch.dtype, fraction: float = 0.9) -> int:
+                        dtype: torch.dtype, fraction: float = 0.9) -> None:
     """Raise `ResourceLimitError` if the cache would take more than `fraction` of free memory."""
-    needed = engine_cache_bytes(config, slots=slots, steps=steps, dtype=dtype)
+    needed = KVCache.bytes_needed(num_layers=config.num_layers, rows=2 * slots, num_heads=config.num_heads,
+                                  head_dim=config.head_dim, max_steps=steps, text_tokens=config.max_text_tokens,
+                                  dtype=dtype)
     budget = int(available_memory(device) * fraction)
     if needed > budget:
-        per_slot = needed / slots
         raise ResourceLimitError(
             f"max_batch_slots={slots} x max_steps_per_slot={steps} needs {needed / GIB:.2f} GiB of KV cache "
             f"({dtype}) but only {budget / GIB:.2f} GiB ({fraction:.0%} of free memory) is available on {device}; "
-            f"at most {max(0, int(budget // per_slot))} slots fit")
-    return needed
+            f"at most {max(0, int(budget // (needed / slots)))} slots fit")

@@ -48,14 +48,6 @@ class ResolvedRequest:
     known_frames: torch.Tensor | None  # [total_frames] bool
     metadata: dict[str, Any]
 
-    @property
-    def seed(self) -> int:
-        return self.sampling.seed
-
-    def params(self) -> dict[str, Any]:
-        """The generation parameters, JSON-friendly (metadata rows, HTTP headers)."""
-        return {"prompt": self.prompt, **self.sampling.to_dict(), "frames": self.total_frames}
-
 
 def _codes(name: str, value: Any, config: AudioGenConfig) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != config.num_codebooks:
@@ -94,8 +86,7 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
         known_frames = ~mask.to(torch.bool).cpu()
         total = frames
     else:
-        default = config.default_duration
-        duration = default if request.duration is None else check_number(
+        duration = config.default_duration if request.duration is None else check_number(
             "duration", request.duration, low=0.0, high=max_duration, low_open=True,
             limit=f"0 < duration <= {max_duration} s")
         total = int(duration * frame_rate)
@@ -107,10 +98,8 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
             if prefix.shape[1] >= total:
                 raise InvalidRequestError("prefix_codes", f"prefix of {prefix.shape[1]} frames leaves nothing to "
                                           f"generate in {total} frames", limit=f"fewer than {total} frames")
-            known_codes = torch.zeros((config.num_codebooks, total), dtype=torch.long)
-            known_codes[:, :prefix.shape[1]] = prefix
-            known_frames = torch.zeros(total, dtype=torch.bool)
-            known_frames[:prefix.shape[1]] = True
+            known_codes = torch.nn.functional.pad(prefix, (0, total - prefix.shape[1]))
+            known_frames = torch.arange(total) < prefix.shape[1]
     return ResolvedRequest(
         request_id=request.request_id or uuid.uuid4().hex, prompt=prompt, total_frames=total, sampling=sampling,
         known_codes=known_codes, known_frames=known_frames, metadata=dict(request.metadata))

@@ -109,9 +109,6 @@ class SlotBatch:
     def free(self) -> int:
         return self.max_slots - len(self.owners)
 
-    def position(self, slot: int) -> int:
-        return int(self.state.pos[slot])
-
     def settled_frames(self, slot: int) -> int:
         """Frames of the clip that are final: earlier windows plus this window's frames whose every codebook
         has been emitted (used to stream audio while the clip is still being generated)."""
@@ -124,21 +121,18 @@ class SlotBatch:
 
     # ------------------------------------------------------------------ admission
     def admit(self, owners: list[Any], requests: list["ResolvedRequest"], text: torch.Tensor,
-              text_mask: torch.Tensor) -> list[int]:
-        """Place requests in free slots. `text [2n, L, dim]` / `text_mask [2n, L]` hold, per request, the
-        conditional row then the unconditional (negative prompt or null) row. Returns the slot indices."""
+              text_mask: torch.Tensor) -> None:
+        """Place requests in the next free slots. `text [2n, L, dim]` / `text_mask [2n, L]` hold, per request,
+        the conditional row then the unconditional (negative prompt or null) row."""
         if len(owners) > self.free:
             raise RuntimeError(f"admitting {len(owners)} requests into {self.free} free slots")
-        first = self.active
-        slots = list(range(first, first + len(owners)))
-        rows = slice(2 * first, 2 * (first + len(owners)))
+        rows = slice(2 * self.active, 2 * (self.active + len(owners)))
         with torch.inference_mode():
             text = text.to(device=self.device, dtype=self.cache.keys.dtype)
             self.cache.store_text(rows, self.lm.project_text(text), text_mask.to(self.device))
-        for slot, owner, request in zip(slots, owners, requests):
+        for owner, request in zip(owners, requests):
             self.owners.append(owner)
-            self._load(slot, request)
-        return slots
+            self._load(self.active - 1, request)
 
     def _load(self, slot: int, request: "ResolvedRequest") -> None:
         frames = request.total_frames
@@ -247,10 +241,9 @@ class SlotBatch:
         stop = self.total_frames(slot) if frames is None else frames
         return self.codes[slot, :, start:stop].to("cpu", copy=True)
 
-    def release(self, slot: int) -> Any:
-        """Free a slot; the last active slot moves into it. Returns the owner that moved (or None)."""
+    def release(self, slot: int) -> None:
+        """Free a slot; the last active slot moves into it."""
         last = self.active - 1
-        moved = None
         if slot != last:
             steps = self.config.max_steps
             self.cache.move(slice(2 * last, 2 * last + 2), slice(2 * slot, 2 * slot + 2), steps)
@@ -258,6 +251,4 @@ class SlotBatch:
             self.known[slot] = self.known[last]
             self.state.copy_slot(last, slot)
             self.owners[slot] = self.owners[last]
-            moved = self.owners[slot]
         self.owners.pop()
-        return moved

@@ -5,15 +5,11 @@ Counters are plain int/float writes from the stepping thread (readers may see on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
 class EngineStats:
-    max_slots: int
-    submitted: int = 0
-    admitted: int = 0
-    finished: int = 0
     cancelled: int = 0
     rejected: int = 0
     steps: int = 0
@@ -21,14 +17,12 @@ class EngineStats:
     audio_seconds: float = 0.0
     occupied_slot_steps: int = 0
     max_occupancy: int = 0
-    occupancy_histogram: dict[int, int] = field(default_factory=dict)
 
     def record_step(self, active: int, seconds: float) -> None:
         self.steps += 1
         self.step_seconds += seconds
         self.occupied_slot_steps += active
         self.max_occupancy = max(self.max_occupancy, active)
-        self.occupancy_histogram[active] = self.occupancy_histogram.get(active, 0) + 1
 
     @property
     def mean_occupancy(self) -> float:

@@ -9,10 +9,4 @@ onnxruntime sessions into the engine. onnx/onnxruntime are imported only when us
 
 from audiogen.onnx.export import export_onnx
 
-__all__ = ["export_onnx", "load_onnx_model"]
-
-
-def load_onnx_model(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export
-    from audiogen.onnx.runtime import load_onnx_model as load
-
-    return load(*args, **kwargs)
+__all__ = ["export_onnx"]

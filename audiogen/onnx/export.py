@@ -78,7 +78,6 @@ def export_onnx(model: Any, directory: str | os.PathLike[str], *, opset: int = D
     device, dtype = model.device, model.dtype
     model.to(device="cpu", lm_dtype=torch.float32)
     try:
-        config = model.config
         with torch.inference_mode(False), torch.no_grad():
             _export_text_encoder(model, out / TEXT_ENCODER_FILE, opset)
             _export_step(model, out / LM_STEP_FILE, opset)
@@ -86,11 +85,10 @@ def export_onnx(model: Any, directory: str | os.PathLike[str], *, opset: int = D
         for name in (TEXT_ENCODER_FILE, LM_STEP_FILE, AUDIO_DECODER_FILE):
             onnx.checker.check_model(str(out / name), full_check=True)
         model.text.tokenizer.save_pretrained(out)
-        meta = _describe(model, opset)
-        (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (out / META_FILE).write_text(json.dumps(_describe(model, opset), indent=2, sort_keys=True) + "\n")
         if verify:
             verify_export(model, out)
-        log.info("exported %s to %s", config.name, out)
+        log.info("exported %s to %s", model.config.name, out)
         return out
     finally:
         model.to(device=device, lm_dtype=dtype)
@@ -167,18 +165,16 @@ def _export_decoder(model: Any, path: Path, opset: int) -> None:
 
 
 def _describe(model: Any, opset: int) -> dict[str, Any]:
-    config = model.config
-    proj = model.text.output_proj
     meta = model.metadata()
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
         "files": {"text_encoder": TEXT_ENCODER_FILE, "lm_step": LM_STEP_FILE, "audio_decoder": AUDIO_DECODER_FILE,
                   "tokenizer": "tokenizer_config.json"},
         "opset": opset, "exporter": "torch.onnx (TorchScript)", "torch_version": torch.__version__,
         "inputs": {"text_encoder": TEXT_INPUTS, "lm_step": STEP_INPUTS, "audio_decoder": DECODER_INPUTS},
         "outputs": {"text_encoder": TEXT_OUTPUTS, "lm_step": STEP_OUTPUTS, "audio_decoder": DECODER_OUTPUTS},
         "text": {"max_tokens": model.text.max_tokens, "text_dim": model.text.text_dim,
-                 "projected": isinstance(proj, torch.nn.Linear)},
+                 "projected": isinstance(model.text.output_proj, torch.nn.Linear)},
         "codec": {"sample_rate": model.codec.sample_rate, "frame_rate": model.codec.frame_rate,
                   "hop_length": model.codec.hop_length, "n_q": model.codec.n_q, "card": model.codec.card,
                   "channels": model.codec.channels, "stereo_interleaved": model.codec.stereo_interleaved},

@@ -5,11 +5,11 @@ methods of the model's parts, so this backend supplies objects with exactly thos
 ONNX sessions, and everything else (scheduling, admission, CFG, seeded sampling, sliding windows, streaming,
 cancellation, the Python API) is the same code as for PyTorch:
 
-- `OnnxTextConditioner` (`model.text`): `token_ids(prompts)` (the same length checks), and
-  `__call__(prompts) -> (text, mask)`. Its `text` is what this backend's LM consumes: the per-layer
-  cross-attention keys/values that `text_encoder.onnx` computes, packed on the feature axis
-  ([B, L, layers * 2 * dim]); the engine treats `text` as opaque and hands it to `lm.project_text`. Encodings are
-  cached per prompt, like `TextConditioner`'s.
+- `OnnxTextConditioner` (`model.text`): `token_ids(prompts)` and `__call__(prompts) -> (text, mask)` with the
+  same length checks and prompt cache as `TextConditioner` (both are `audiogen.text.PromptEncoder`s). Its `text`
+  is what this backend's LM consumes: the per-layer cross-attention keys/values that `text_encoder.onnx`
+  computes, packed on the feature axis ([B, L, layers * 2 * dim]); the engine treats `text` as opaque and hands
+  it to `lm.project_text`.
 - `OnnxLanguageModel` (`model.lm`): `project_text` unpacks those keys/values; `step` and `prefill` run
   `lm_step.onnx` over the same `KVCache` (torch CPU float32 tensors) as the PyTorch LM: the attended part of the
   cache is handed to onnxruntime as numpy arrays and the graph's new keys/values are written back into it, at
@@ -28,24 +28,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
+from audiogen.engine.cpu import engine_threads
 from audiogen.errors import CheckpointError, InvalidRequestError, MissingCheckpointFileError
 from audiogen.kv_cache import KVCache
 from audiogen.model import AudioGen
 from audiogen.onnx.export import (AUDIO_DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS, FORMAT, LM_STEP_FILE,
                                   META_FILE, STEP_INPUTS, STEP_OUTPUTS, TEXT_ENCODER_FILE, TEXT_INPUTS,
                                   TEXT_OUTPUTS, file_digest)
-from audiogen.text import TextConditioner
+from audiogen.text import PromptEncoder
 
 REQUIRED_FILES = {
     META_FILE: "the export description (config, file names, rates)",
@@ -74,13 +74,21 @@ def load_onnx_model(directory: str | os.PathLike[str], *, providers: list[Any] |
         described = ", ".join(f"{name} ({REQUIRED_FILES[name]})" for name in missing)
         raise MissingCheckpointFileError(f"ONNX model directory {root} is incomplete: missing {described}. "
                                          f"Re-run `audiogen export-onnx MODEL {root}`")
-    meta = _read_meta(root / META_FILE)
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{root / META_FILE} is not valid JSON: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root / META_FILE} is not an audiogen ONNX description (expected format {FORMAT!r})")
     try:
         config = AudioGenConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{root / META_FILE} has no valid model config: {error}") from error
     sessions = OnnxSessions(root, providers=providers, threads=threads)
-    tokenizer = _load_tokenizer(root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"cannot load the tokenizer in {root}: {error}") from error
     text = OnnxTextConditioner(sessions, tokenizer, config, max_tokens=int(meta.get("text", {}).get(
         "max_tokens", config.max_text_tokens)))
     codec = OnnxCodec(sessions, meta.get("codec", {}), config)
@@ -88,25 +96,6 @@ def load_onnx_model(directory: str | os.PathLike[str], *, providers: list[Any] |
     source = {"format": FORMAT, "path": str(root), "exported_from": meta.get("source", {}),
               "exported_from_checksum": meta.get("source_checksum")}
     return OnnxAudioGen(config, lm, text, codec, source=source, directory=root, meta=meta)
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an audiogen ONNX description (expected format {FORMAT!r})")
-    return meta
-
-
-def _load_tokenizer(root: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-    except (OSError, ValueError, TypeError) as error:
-        raise CheckpointError(f"cannot load the tokenizer in {root}: {error}") from error
 
 
 class OnnxSessions:
@@ -117,11 +106,7 @@ class OnnxSessions:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads is None:
-            from audiogen.engine.cpu import engine_threads
-
-            threads = engine_threads()
-        options.intra_op_num_threads = max(1, int(threads))
+        options.intra_op_num_threads = max(1, int(engine_threads() if threads is None else threads))
         options.inter_op_num_threads = 1
         # Workers that spin after a run compete with the engine's own work between runs (sampling, cache copies):
         # measured 3.8-7.3 ms per tiny-model step with spinning vs 0.6-1.3 ms without (2 cores).
@@ -147,45 +132,12 @@ class OnnxSessions:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-class OnnxTextConditioner(nn.Module):
+class OnnxTextConditioner(PromptEncoder):
     """prompts -> (packed cross-attention keys/values [B, L, layers * 2 * dim], mask [B, L] bool)."""
 
-    def __init__(self, sessions: OnnxSessions, tokenizer: Any, config: AudioGenConfig, *, max_tokens: int,
-                 cache_bytes: int = 256 << 20) -> None:
-        super().__init__()
+    def __init__(self, sessions: OnnxSessions, tokenizer: Any, config: AudioGenConfig, *, max_tokens: int) -> None:
+        super().__init__(tokenizer, max_tokens=max_tokens, width=config.num_layers * 2 * config.dim)
         self.sessions = sessions
-        self.tokenizer = tokenizer
-        self.config = config
-        self.max_tokens = max_tokens
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> packed keys/values [L, F]
-        self._cache_bytes = cache_bytes
-        self._cached_bytes = 0
-        self._lock = threading.Lock()
-
-    token_ids = TextConditioner.token_ids  # same tokenization and length limit, naming the offending prompt
-
-    @property
-    def packed_dim(self) -> int:
-        return self.config.num_layers * 2 * self.config.dim
-
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p.strip() and p not in self._cache]
-            encoded = dict(zip(missing, self._encode(missing))) if missing else {}
-            rows = [None if not p.strip() else encoded[p] if p in encoded else self._cache[p] for p in prompts]
-            for prompt, row in encoded.items():
-                self._remember(prompt, row)
-            for prompt in prompts:
-                if prompt in self._cache:
-                    self._cache.move_to_end(prompt)
-        length = max([1] + [row.shape[0] for row in rows if row is not None])
-        packed = torch.zeros((len(prompts), length, self.packed_dim))
-        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
-        for index, row in enumerate(rows):
-            if row is not None:
-                packed[index, :row.shape[0]] = row
-                mask[index, :row.shape[0]] = True
-        return packed, mask
 
     def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = self.token_ids(prompts)
@@ -198,16 +150,6 @@ class OnnxTextConditioner(nn.Module):
         packed = torch.from_numpy(np.ascontiguousarray(kv)).reshape(len(prompts), input_ids.shape[1], -1)
         return [packed[index, :int(attention[index].sum())].clone() for index in range(len(prompts))]
 
-    def _remember(self, prompt: str, row: torch.Tensor) -> None:
-        size = row.numel() * row.element_size()
-        if size > self._cache_bytes:
-            return
-        self._cache[prompt] = row
-        self._cached_bytes += size
-        while self._cached_bytes > self._cache_bytes:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.numel() * old.element_size()
-
 
 # ---------------------------------------------------------------------------------------------------------------
 class OnnxLanguageModel(nn.Module):
@@ -217,10 +159,6 @@ class OnnxLanguageModel(nn.Module):
         super().__init__()
         self.sessions = sessions
         self.config = config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
 
     def project_text(self, packed: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Packed keys/values from `OnnxTextConditioner` -> per-layer (keys, values) [B, H, L, hd] (views)."""
@@ -232,62 +170,49 @@ class OnnxLanguageModel(nn.Module):
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, num_rows: int,
              length: int) -> torch.Tensor:
         """Logits [R, K, card] for one new position per cache row 0..R-1 (as `LanguageModel.step`)."""
-        _check_cache(cache)
-        _single_threaded_torch()
         rows = slice(0, num_rows)
         # The attended window 0..length-1 (the row's own position is masked in `past` and comes back as new_*).
-        past_keys = _array(cache.keys[:, rows, :, :length])
-        past_values = _array(cache.values[:, rows, :, :length])
-        logits, keys, values = self._run(tokens[:, :, None], positions[:, None], past_keys, past_values, cache,
-                                          rows)
-        keys, values = torch.from_numpy(keys), torch.from_numpy(values)
+        logits, keys, values = self._run(tokens[:, :, None], positions[:, None], cache.keys[:, rows, :, :length],
+                                         cache.values[:, rows, :, :length], cache, rows)
         for layer in range(self.config.num_layers):
             cache.write_step(layer, positions, keys[layer], values[layer], length)
-        return torch.from_numpy(logits)
+        return logits
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, rows: slice) -> None:
         """Write the keys/values of a known prefix (positions 0..P-1) of cache rows `rows` in one graph call."""
-        _check_cache(cache)
-        _single_threaded_torch()
         c = self.config
         batch, _, length = tokens.shape
-        past = np.zeros((c.num_layers, batch, c.num_heads, 1, c.head_dim), dtype=np.float32)
+        past = torch.zeros((c.num_layers, batch, c.num_heads, 1, c.head_dim))
         positions = torch.arange(length, dtype=torch.long)[None, :].expand(batch, -1)
         _, keys, values = self._run(tokens, positions, past, past, cache, rows)
-        keys, values = torch.from_numpy(keys), torch.from_numpy(values)
         for layer in range(c.num_layers):
             cache.write_prefix(layer, rows, keys[layer], values[layer])
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: np.ndarray, past_values: np.ndarray,
-             cache: KVCache, rows: slice) -> list[np.ndarray]:
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, past_keys: torch.Tensor,
+             past_values: torch.Tensor, cache: KVCache, rows: slice) -> list[torch.Tensor]:
+        """One `lm_step.onnx` call over cache rows `rows` -> (logits, new_keys, new_values) as torch tensors."""
+        if cache.keys.device.type != "cpu" or cache.keys.dtype != torch.float32:
+            raise InvalidRequestError("dtype", f"the ONNX backend needs a float32 CPU KV cache, got "
+                                               f"{cache.keys.dtype} on {cache.keys.device}", limit="float32 on cpu")
+        # The thread's remaining torch work (cache copies, sampling) runs on one core: onnxruntime's pool owns the
+        # cores here. Beside it, an OpenMP pool of torch's, spinning after each parallel copy, kept onnxruntime's
+        # workers from their cores: steps with 32 rows took 10-25 ms instead of 0.5 ms (tiny model, 2 cores).
+        # `torch.set_num_threads` applies to the calling thread only (the engine's loop thread).
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
         length = cache.text_length(rows)  # as `KVCache.text_view` cuts it, with all layers in one tensor
         feeds = {
             "tokens": _array(tokens, np.int64), "positions": _array(positions, np.int64),
-            "past_keys": past_keys, "past_values": past_values,
+            "past_keys": _array(past_keys), "past_values": _array(past_values),
             "cross_keys": _array(cache.text_keys[:, rows, :, :length]),
             "cross_values": _array(cache.text_values[:, rows, :, :length]),
             "cross_mask": _array(cache.text_mask[rows, :length], np.bool_),
         }
-        return self.sessions.step.run(None, feeds)
+        return [torch.from_numpy(output) for output in self.sessions.step.run(None, feeds)]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("the ONNX backend runs generation only; teacher-forced scoring (lm(...)) needs "
                                   "the PyTorch backend")
-
-
-def _single_threaded_torch() -> None:
-    """Run the thread's remaining torch work (cache copies, sampling) on one core: onnxruntime's pool owns the
-    cores here. Beside it, an OpenMP pool of torch's, spinning after each parallel copy, kept onnxruntime's
-    workers from their cores: steps with 32 rows took 10-25 ms instead of 0.5 ms (tiny model, 2 cores).
-    `torch.set_num_threads` applies to the calling thread only (the engine's loop thread)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-
-
-def _check_cache(cache: KVCache) -> None:
-    if cache.keys.device.type != "cpu" or cache.keys.dtype != torch.float32:
-        raise InvalidRequestError("dtype", f"the ONNX backend needs a float32 CPU KV cache, got "
-                                           f"{cache.keys.dtype} on {cache.keys.device}", limit="float32 on cpu")
 
 
 _TORCH_DTYPES = {np.float32: torch.float32, np.int64: torch.int64, np.bool_: torch.bool}
@@ -316,15 +241,10 @@ class OnnxCodec(nn.Module):
 
     _check_codes = Codec._check_codes  # same validation and messages as the PyTorch codec
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, num_codebooks, T] -> float32 audio [B, channels, T * hop_length]."""
         self._check_codes(codes)
-        array = np.ascontiguousarray(codes.detach().cpu().numpy(), dtype=np.int64)
-        (audio,) = self.sessions.decoder.run(None, {"codes": array})
+        (audio,) = self.sessions.decoder.run(None, {"codes": _array(codes, np.int64)})
         return torch.from_numpy(audio)
 
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
@@ -385,7 +305,6 @@ class OnnxAudioGen(AudioGen):
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
-        meta["backend"] = self.backend
         meta["onnx"] = {"directory": str(self.directory), "opset": self.onnx_meta.get("opset"),
                         "providers": self.lm.sessions.providers}
         return meta
