@@ -470,16 +470,11 @@ def export_model(checkpoint: str | os.PathLike[str], base: Any, *, source: dict[
     from audiogen.text import TextConditioner
 
     meta = read_checkpoint_meta(checkpoint)
-    state = read_checkpoint_state(checkpoint)["model"]
     config = AudioGenConfig.from_dict(meta["model_config"])
-    lm = LanguageModel(config)
-    lm.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("lm.")}, strict=True)
-    project = bool(meta.get("text_projection", True))
     text = TextConditioner(base.text.t5, base.text.tokenizer, dim=config.dim, max_tokens=config.max_text_tokens,
-                           project=project)
-    if project:
-        text.output_proj.load_state_dict({k[len("text_proj."):]: v for k, v in state.items()
-                                          if k.startswith("text_proj.")}, strict=True)
+                           project=bool(meta.get("text_projection", True)))
+    lm = LanguageModel(config)
+    ConditionedLM(lm, text.output_proj).load_state_dict(read_checkpoint_state(checkpoint)["model"], strict=True)
     info = {"format": CHECKPOINT_FORMAT, "step": meta.get("step"), "base": base.source, **(source or {})}
     return AudioGen(config, lm, text, base.codec, source=info, device="cpu", dtype=torch.float32)
 

@@ -124,9 +124,7 @@ class SoundSpec:
     level_db: float = -3.0  # peak level of the rendered clip (dBFS)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["parts"] = [part.to_dict() for part in self.parts]
-        return data
+        return dataclasses.asdict(self)  # parts too, as dicts
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
