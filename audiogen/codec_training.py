@@ -134,12 +134,11 @@ def _batches_from(data: Any, config: CodecTrainingConfig, sample_rate: int, hop:
 
     def cycle() -> Iterator[torch.Tensor]:
         while True:
-            empty = True
-            for batch in data:
-                empty = False
+            count = 0
+            for count, batch in enumerate(data, 1):
                 batch = torch.as_tensor(batch, dtype=torch.float32)
                 yield batch[:, None] if batch.dim() == 2 else batch
-            if empty:
+            if not count:
                 raise ValueError("the data loader yielded no batches")
 
     return cycle()

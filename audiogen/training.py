@@ -90,8 +90,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise InvalidConfigError(f"training.{unknown[0]}", f"unknown training option(s) {unknown}")
         return cls(**values)
