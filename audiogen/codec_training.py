@@ -116,11 +116,8 @@ def segment_batches(clips: Sequence[np.ndarray], batch_size: int, segment: int,
         batch = np.zeros((batch_size, 1, segment), dtype=np.float32)
         for row in range(batch_size):
             clip = clips[int(rng.integers(len(clips)))]
-            if clip.size > segment:
-                start = int(rng.integers(clip.size - segment + 1))
-                batch[row, 0] = clip[start:start + segment]
-            else:
-                batch[row, 0, :clip.size] = clip
+            start = int(rng.integers(clip.size - segment + 1)) if clip.size > segment else 0
+            batch[row, 0, :min(clip.size, segment)] = clip[start:start + segment]
         yield torch.from_numpy(batch)
 
 
