@@ -50,7 +50,7 @@ from audiogen.train_loop import Schedule, Stepper, run
 # float32). See `train_codec` for why these sizes.
 DEMO_CODEC: dict[str, Any] = dict(sample_rate=16_000, n_q=4, card=256, num_filters=8, hidden_size=64,
                                   num_lstm_layers=1)
-SPECTRAL_SCALES = (2048, 1024, 512, 256, 128, 64)
+SPECTRAL_SCALES = (2048, 1024, 512, 256, 128, 64)  # largest first: the first two get the linear-frequency term
 
 
 @dataclass
@@ -160,38 +160,36 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
 class MultiScaleSpectralLoss(torch.nn.Module):
     """Sum over window sizes of L1(log mel) + spectral convergence(mel), plus L1(log |STFT|) on the two largest.
 
-    Magnitudes are divided by the window's sum (a full-scale sine peaks at 0.5) and floored at 1e-5 (-100 dB)
-    before the log, as audiocraft's mel loss does.
+    Window sizes `SPECTRAL_SCALES`, 64 mel bands (a quarter of the window size when fewer). Magnitudes are divided
+    by the window's sum (a full-scale sine peaks at 0.5) and floored at 1e-5 (-100 dB) before the log, as
+    audiocraft's mel loss does.
     """
 
-    def __init__(self, sample_rate: int, scales: Sequence[int] = SPECTRAL_SCALES, n_mels: int = 64,
-                 floor: float = 1e-5, linear_scales: int = 2) -> None:
+    def __init__(self, sample_rate: int) -> None:
         super().__init__()
-        self.scales = tuple(scales)
-        self.floor = floor
-        self.linear = set(sorted(self.scales, reverse=True)[:linear_scales])
-        for n_fft in self.scales:
+        for n_fft in SPECTRAL_SCALES:
             self.register_buffer(f"window_{n_fft}", torch.hann_window(n_fft), persistent=False)
-            self.register_buffer(f"mel_{n_fft}", mel_filterbank(n_fft, min(n_mels, n_fft // 4), sample_rate),
+            self.register_buffer(f"mel_{n_fft}", mel_filterbank(n_fft, min(64, n_fft // 4), sample_rate),
                                  persistent=False)
 
     def forward(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         estimate, reference = estimate.reshape(-1, estimate.shape[-1]), reference.reshape(-1, reference.shape[-1])
         total = estimate.new_zeros(())
-        for n_fft in self.scales:
+        for n_fft in SPECTRAL_SCALES:
             window = getattr(self, f"window_{n_fft}")
             mels = getattr(self, f"mel_{n_fft}")
             spectra = [torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, return_complex=True).abs()
                        / window.sum() for x in (estimate, reference)]
             mel_est, mel_ref = (mels @ s for s in spectra)
-            total = (total + self._log_l1(mel_est, mel_ref)  # + spectral convergence:
+            total = (total + _log_l1(mel_est, mel_ref)  # + spectral convergence:
                      + torch.linalg.vector_norm(mel_est - mel_ref) / torch.linalg.vector_norm(mel_ref).clamp_min(1e-8))
-            if n_fft in self.linear:
-                total = total + self._log_l1(*spectra)
-        return total / len(self.scales)
+            if n_fft in SPECTRAL_SCALES[:2]:
+                total = total + _log_l1(*spectra)
+        return total / len(SPECTRAL_SCALES)
 
-    def _log_l1(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return F.l1_loss(torch.log(estimate.clamp_min(self.floor)), torch.log(reference.clamp_min(self.floor)))
+
+def _log_l1(estimate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-5) -> torch.Tensor:
+    return F.l1_loss(torch.log(estimate.clamp_min(floor)), torch.log(reference.clamp_min(floor)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
