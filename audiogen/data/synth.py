@@ -265,12 +265,11 @@ def _check_split(split: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def render(spec: SoundSpec, sample_rate: int = SAMPLE_RATE, duration: float | None = None) -> np.ndarray:
-    """float32 mono samples [round(duration * sample_rate)], peak at `spec.level_db` dBFS."""
-    duration = spec.duration if duration is None else float(duration)
-    n = int(round(duration * sample_rate))
+def render(spec: SoundSpec, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """float32 mono samples [round(spec.duration * sample_rate)], peak at `spec.level_db` dBFS."""
+    n = int(round(spec.duration * sample_rate))
     if n <= 0:
-        raise ValueError(f"duration must be positive, got {duration}")
+        raise ValueError(f"duration must be positive, got {spec.duration}")
     audio = _render(spec, sample_rate, n)
     peak = float(np.max(np.abs(audio)))
     if peak > 0:
