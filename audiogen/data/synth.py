@@ -180,7 +180,9 @@ def _choice(rng: np.random.Generator, options: Sequence[Any]) -> Any:
 
 def sample_spec(rng: np.random.Generator, split: str = "train", *, kind: str | None = None,
                 duration: float = DEFAULT_DURATION) -> SoundSpec:
-    """A random spec of `kind` (else drawn by `KIND_WEIGHTS`) whose combination belongs to `split`."""
+    """A random spec of `kind` (else drawn by `KIND_WEIGHTS`) whose combination belongs to `split`. The parts of
+    sequences and mixes only take the split's continuous ranges: what is held out about them is their
+    combination and caption templates."""
     _check_split(split)
     if kind is None:
         kind = KINDS[int(rng.choice(len(KINDS), p=np.asarray(KIND_WEIGHTS) / sum(KIND_WEIGHTS)))]
@@ -189,33 +191,23 @@ def sample_spec(rng: np.random.Generator, split: str = "train", *, kind: str | N
     if kind == "sequence":
         count = 2 if rng.random() < 0.7 else 3
         part_duration = (duration - SEQUENCE_GAP * (count - 1)) / count
-        parts = tuple(_sample_simple(rng, split, _choice(rng, PART_KINDS), part_duration, part=True)
-                      for _ in range(count))
+        parts = tuple(_draw_simple(rng, split, _choice(rng, PART_KINDS), part_duration) for _ in range(count))
         return SoundSpec(kind="sequence", duration=duration, parts=parts, seed=int(rng.integers(2**31)))
     if kind == "mix":
-        foreground = _sample_simple(rng, split, _choice(rng, FOREGROUND_KINDS), duration, part=True)
-        background = _sample_simple(rng, split, "noise", duration, envelope="steady", part=True)
+        foreground = _draw_simple(rng, split, _choice(rng, FOREGROUND_KINDS), duration)
+        background = _draw_simple(rng, split, "noise", duration, envelope="steady")
         background = dataclasses.replace(background, gain_db=-_draw(rng, 4.0, 14.0, split))
         return SoundSpec(kind="mix", duration=duration, parts=(foreground, background),
                          seed=int(rng.integers(2**31)))
-    return _sample_simple(rng, split, kind, duration)
-
-
-def _sample_simple(rng: np.random.Generator, split: str, kind: str, duration: float,
-                   envelope: str | None = None, part: bool = False) -> SoundSpec:
-    """A tone/sweep/siren/noise/beat spec of `split`. Parts of sequences and mixes only take the split's
-    continuous ranges: what is held out about them is their combination and caption templates."""
-    if part:
-        return _draw_simple(rng, split, kind, duration, envelope)
-    for _ in range(1000):
-        spec = _draw_simple(rng, split, kind, duration, envelope)
+    for _ in range(1000):  # a simple kind: redrawn until its combination belongs to the split
+        spec = _draw_simple(rng, split, kind, duration)
         if is_heldout_combination(combination(spec)) == (split == "heldout"):
             return spec
     raise RuntimeError(f"no {split} combination found for kind {kind!r}")  # pragma: no cover
 
 
 def _draw_simple(rng: np.random.Generator, split: str, kind: str, duration: float,
-                 envelope: str | None) -> SoundSpec:
+                 envelope: str | None = None) -> SoundSpec:
     seed = int(rng.integers(2**31))
     notes = list(NOTES)
     if kind in ("tone", "noise"):
