@@ -218,9 +218,7 @@ def onset_envelope(audio: Any, sample_rate: int, *, n_fft: int = 512, hop: int =
     seconds and half-wave rectified (steady noise adds a constant flux, which this removes). The first and last
     `n_fft` samples are zeroed: the clip's own edges (a sound cut off by the end of the clip is a broadband step)
     are not onsets of the audio."""
-    x = as_mono(audio)
-    x = np.pad(x, (n_fft // 2, n_fft // 2))
-    frames = _frames(x, n_fft, hop) * np.hanning(n_fft)
+    frames = _frames(np.pad(as_mono(audio), (n_fft // 2, n_fft // 2)), n_fft, hop) * np.hanning(n_fft)
     magnitude = np.abs(np.fft.rfft(frames, axis=1))
     log_mag = np.log1p(compression * magnitude / max(float(magnitude.max()), 1e-12))
     flux = np.concatenate([[0.0], np.maximum(np.diff(log_mag, axis=0), 0.0).sum(axis=1)])
