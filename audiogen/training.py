@@ -130,19 +130,17 @@ def collate(codes: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, captions:
         raise ValueError("collate needs at least one example")
     if len(captions) != len(items):
         raise ValueError(f"{len(items)} code arrays but {len(captions)} captions")
-    num_codebooks = len(delays)
     lengths = [int(x) for x in (n_frames if n_frames is not None else [c.shape[-1] for c in items])]
     if len(lengths) != len(items):
         raise ValueError(f"{len(items)} code arrays but {len(lengths)} frame counts")
     for index, (item, length) in enumerate(zip(items, lengths)):
-        if item.dim() != 2 or item.shape[0] != num_codebooks:
-            raise ValueError(f"example {index}: codes have shape {tuple(item.shape)}, expected [{num_codebooks}, T]")
+        if item.dim() != 2 or item.shape[0] != len(delays):
+            raise ValueError(f"example {index}: codes have shape {tuple(item.shape)}, expected [{len(delays)}, T]")
         if not 1 <= length <= item.shape[-1]:
             raise ValueError(f"example {index}: n_frames={length} outside [1, {item.shape[-1]}]")
     if max_frames is not None:
         lengths = [min(length, int(max_frames)) for length in lengths]
-    frames = max(lengths)
-    padded = torch.full((len(items), num_codebooks, frames), card, dtype=torch.long)
+    padded = torch.full((len(items), len(delays), max(lengths)), card, dtype=torch.long)
     for index, (item, length) in enumerate(zip(items, lengths)):
         real = item[:, :length].to(torch.long)
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= card):
@@ -150,8 +148,7 @@ def collate(codes: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, captions:
         padded[index, :, :length] = real
     sequence = build_delay_pattern(padded, delays, card)  # [B, K, frames + D + 1]
     index = pattern_frame_index(sequence.shape[-1], delays)[:, 1:]  # frame held by each target position
-    limit = torch.tensor(lengths)[:, None, None]
-    mask = (index[None] >= 0) & (index[None] < limit)
+    mask = (index[None] >= 0) & (index[None] < torch.tensor(lengths)[:, None, None])
     return Batch(sequence[..., :-1].contiguous(), sequence[..., 1:].contiguous(), mask, list(captions))
 
 
