@@ -251,8 +251,7 @@ class RVQTrainer:
         self.initialised = True
 
     def _kmeans(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = self._sample(vectors, k)
-        centroids = vectors[picks].clone()
+        centroids = vectors[self._sample(vectors, k)]  # (advanced indexing copies)
         counts = torch.zeros(k)
         for _ in range(self.kmeans_iters):
             assign = self._nearest(vectors, centroids)
