@@ -643,21 +643,15 @@ def write_corpus(directory: str | os.PathLike[str], n: int, seed: int, split: st
 
 def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a manifest written by `write_corpus`, with `spec` parsed back into a `SoundSpec`."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            row["spec"] = SoundSpec.from_dict(json.loads(row["spec"]))
-            rows.append(row)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["spec"] = SoundSpec.from_dict(json.loads(row["spec"]))
     return rows
 
 
 def vocabulary(split: str = "train", n: int = 2000, seed: int = 0) -> set[str]:
     """Words (lower-case, punctuation split off) of the captions of the first `n` items of a split."""
-    words: set[str] = set()
-    for index in range(n):
-        words.update(caption_words(item_spec(index, seed, split)[1]))
-    return words
+    return {word for index in range(n) for word in caption_words(item_spec(index, seed, split)[1])}
 
 
 def caption_words(text: str) -> list[str]:
@@ -673,9 +667,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION)
     parser.add_argument("--format", default="wav", choices=("wav", "flac"))
     args = parser.parse_args(argv)
-    manifest = write_corpus(args.directory, args.n, args.seed, args.split, duration=args.duration,
-                            format=args.format)
-    print(manifest)
+    print(write_corpus(args.directory, args.n, args.seed, args.split, duration=args.duration, format=args.format))
 
 
 if __name__ == "__main__":
