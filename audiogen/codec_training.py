@@ -397,8 +397,7 @@ def evaluate_codec(codec: Codec, clips: Iterable[Any]) -> dict[str, Any]:
         codes = codec.encode(wave)
         decoded = codec.decode(codes)[0, 0, : audio.size].numpy()
         scores.append(si_snr(decoded, audio))
-        for k in range(codec.n_q):
-            counts[k] += torch.bincount(codes[0, k], minlength=codec.card).float()
+        counts += F.one_hot(codes[0, :codec.n_q], codec.card).sum(dim=1)
     used = (counts > 0).float().mean(dim=1)
     return {"si_snr": scores, "si_snr_mean": float(np.mean(scores)), "si_snr_median": float(np.median(scores)),
             "codes_used": [float(u) for u in used]}
