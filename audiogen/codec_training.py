@@ -12,8 +12,9 @@ residual vector quantizer's training the way audiocraft's `core_vq.py` does it, 
 - k-means initialisation of every layer from the first batch (layer by layer, on the residual of the layers
   before), as audiocraft's `kmeans_init`;
 - dead-code replacement: a code whose EMA count falls below `dead_code_fraction` of the average count per code
-  (vectors per batch / card) is moved onto a random vector of the current batch's residual (its `embed_avg`/`cluster_size` are set consistently, so the EMA keeps it there
-  instead of immediately pulling it back, unlike audiocraft which only resets `embed`);
+  (vectors per batch / card) is moved onto a random vector of the current batch's residual (its `embed_avg` and
+  `cluster_size` are set consistently, so the EMA keeps it there instead of immediately pulling it back, unlike
+  audiocraft which only resets `embed`);
 - commitment loss: the mean over layers of ||residual_k - sg(quantized_k)||^2, which keeps the encoder's output
   near the codebooks.
 
@@ -49,7 +50,7 @@ from audiogen.train_loop import Schedule, Stepper, run
 # float32). See `train_codec` for why these sizes.
 DEMO_CODEC: dict[str, Any] = dict(sample_rate=16_000, n_q=4, card=256, num_filters=8, hidden_size=64,
                                   num_lstm_layers=1)
-SPECTRAL_SCALES = (2048, 1024, 512, 256, 128, 64)
+SPECTRAL_SCALES = (2048, 1024, 512, 256, 128, 64)  # largest first: the first two get the linear-frequency term
 
 
 @dataclass
@@ -99,12 +100,9 @@ def load_clips(source: Any, sample_rate: int) -> list[np.ndarray]:
         from audiogen.data.manifest import load_manifest
         from audiogen.io import read_audio
 
-        clips = []
-        for row in load_manifest(os.fspath(source)).to_pylist():
-            audio, _ = read_audio(row["path"], sample_rate=sample_rate, channels=1, offset=row["offset"] or 0.0,
-                                  duration=row["duration"])
-            clips.append(audio[0])
-        return clips
+        rows = load_manifest(os.fspath(source)).to_pylist()
+        return [read_audio(row["path"], sample_rate=sample_rate, channels=1, offset=row["offset"],
+                           duration=row["duration"])[0][0] for row in rows]  # channel 0 of (audio, rate)
     clips = [as_mono(getattr(item, "audio", item)).astype(np.float32) for item in source]
     if not clips:
         raise ValueError("no training clips")
@@ -118,11 +116,8 @@ def segment_batches(clips: Sequence[np.ndarray], batch_size: int, segment: int,
         batch = np.zeros((batch_size, 1, segment), dtype=np.float32)
         for row in range(batch_size):
             clip = clips[int(rng.integers(len(clips)))]
-            if clip.size > segment:
-                start = int(rng.integers(clip.size - segment + 1))
-                batch[row, 0] = clip[start:start + segment]
-            else:
-                batch[row, 0, :clip.size] = clip
+            start = int(rng.integers(clip.size - segment + 1)) if clip.size > segment else 0
+            batch[row, 0, :min(clip.size, segment)] = clip[start:start + segment]
         yield torch.from_numpy(batch)
 
 
@@ -136,12 +131,11 @@ def _batches_from(data: Any, config: CodecTrainingConfig, sample_rate: int, hop:
 
     def cycle() -> Iterator[torch.Tensor]:
         while True:
-            empty = True
-            for batch in data:
-                empty = False
+            count = 0
+            for count, batch in enumerate(data, 1):
                 batch = torch.as_tensor(batch, dtype=torch.float32)
                 yield batch[:, None] if batch.dim() == 2 else batch
-            if empty:
+            if not count:
                 raise ValueError("the data loader yielded no batches")
 
     return cycle()
@@ -154,14 +148,9 @@ def _batches_from(data: Any, config: CodecTrainingConfig, sample_rate: int, hop:
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     """HTK-mel triangular filters [mels, n_fft // 2 + 1], without filters that fall between two FFT bins."""
-    def mel(hz: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + hz / 700.0)
-
-    def hz(m: np.ndarray) -> np.ndarray:
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
     freqs = np.fft.rfftfreq(n_fft, 1 / sample_rate)
-    points = hz(np.linspace(0.0, mel(np.array(sample_rate / 2)), n_mels + 2))
+    top = 2595.0 * np.log10(1.0 + sample_rate / 2 / 700.0)  # the Nyquist frequency in mel
+    points = 700.0 * (10.0 ** (np.linspace(0.0, top, n_mels + 2) / 2595.0) - 1.0)  # band edges, equally spaced in mel
     low, centre, high = points[:-2, None], points[1:-1, None], points[2:, None]
     filters = np.maximum(0.0, np.minimum((freqs - low) / (centre - low), (high - freqs) / (high - centre)))
     filters = filters[filters.sum(axis=1) > 0]
@@ -171,36 +160,36 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
 class MultiScaleSpectralLoss(torch.nn.Module):
     """Sum over window sizes of L1(log mel) + spectral convergence(mel), plus L1(log |STFT|) on the two largest.
 
-    Magnitudes are divided by the window's sum (a full-scale sine peaks at 0.5) and floored at 1e-5 (-100 dB)
-    before the log, as audiocraft's mel loss does.
+    Window sizes `SPECTRAL_SCALES`, 64 mel bands (a quarter of the window size when fewer). Magnitudes are divided
+    by the window's sum (a full-scale sine peaks at 0.5) and floored at 1e-5 (-100 dB) before the log, as
+    audiocraft's mel loss does.
     """
 
-    def __init__(self, sample_rate: int, scales: Sequence[int] = SPECTRAL_SCALES, n_mels: int = 64,
-                 floor: float = 1e-5, linear_scales: int = 2) -> None:
+    def __init__(self, sample_rate: int) -> None:
         super().__init__()
-        self.scales = tuple(scales)
-        self.floor = floor
-        self.linear = set(sorted(self.scales, reverse=True)[:linear_scales])
-        for n_fft in self.scales:
+        for n_fft in SPECTRAL_SCALES:
             self.register_buffer(f"window_{n_fft}", torch.hann_window(n_fft), persistent=False)
-            self.register_buffer(f"mel_{n_fft}", mel_filterbank(n_fft, min(n_mels, n_fft // 4), sample_rate),
+            self.register_buffer(f"mel_{n_fft}", mel_filterbank(n_fft, min(64, n_fft // 4), sample_rate),
                                  persistent=False)
 
     def forward(self, estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         estimate, reference = estimate.reshape(-1, estimate.shape[-1]), reference.reshape(-1, reference.shape[-1])
         total = estimate.new_zeros(())
-        for n_fft in self.scales:
+        for n_fft in SPECTRAL_SCALES:
             window = getattr(self, f"window_{n_fft}")
             mels = getattr(self, f"mel_{n_fft}")
             spectra = [torch.stft(x, n_fft, hop_length=n_fft // 4, window=window, return_complex=True).abs()
                        / window.sum() for x in (estimate, reference)]
             mel_est, mel_ref = (mels @ s for s in spectra)
-            total = total + F.l1_loss(torch.log(mel_est.clamp_min(self.floor)), torch.log(mel_ref.clamp_min(self.floor)))
-            total = total + torch.linalg.vector_norm(mel_est - mel_ref) / torch.linalg.vector_norm(mel_ref).clamp_min(1e-8)
-            if n_fft in self.linear:
-                total = total + F.l1_loss(torch.log(spectra[0].clamp_min(self.floor)),
-                                          torch.log(spectra[1].clamp_min(self.floor)))
-        return total / len(self.scales)
+            total = (total + _log_l1(mel_est, mel_ref)  # + spectral convergence:
+                     + torch.linalg.vector_norm(mel_est - mel_ref) / torch.linalg.vector_norm(mel_ref).clamp_min(1e-8))
+            if n_fft in SPECTRAL_SCALES[:2]:
+                total = total + _log_l1(*spectra)
+        return total / len(SPECTRAL_SCALES)
+
+
+def _log_l1(estimate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-5) -> torch.Tensor:
+    return F.l1_loss(torch.log(estimate.clamp_min(floor)), torch.log(reference.clamp_min(floor)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,26 +215,23 @@ class RVQTrainer:
     def __call__(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, D, T] -> (straight-through quantized [B, D, T], codes [B, n_q, T], commitment loss)."""
         batch, dim, frames = embeddings.shape
-        residual = embeddings.transpose(1, 2).reshape(-1, dim)  # [N, D], carries the encoder's gradient
+        flat = embeddings.transpose(1, 2).reshape(-1, dim)  # [N, D], carries the encoder's gradient
         if not self.initialised:
-            self._kmeans_init(residual.detach())
-        quantized_sum = torch.zeros_like(residual)
+            self._kmeans_init(flat.detach())
+        residual, quantized_sum = flat, torch.zeros_like(flat)
         losses, codes = [], []
         for index, codebook in enumerate(self.codebooks):
             with torch.no_grad():
-                flat = residual.detach()
-                indices = self._nearest(flat, codebook.embed)
-                quantized = F.embedding(indices, codebook.embed)
+                vectors = residual.detach()
+                indices = self._nearest(vectors, codebook.embed)
+                quantized = F.embedding(indices, codebook.embed)  # a copy: the updates below leave it as it is
+                self._ema_update(index, vectors, indices)
+                self._replace_dead(index, vectors)
             losses.append(F.mse_loss(residual, quantized))
-            with torch.no_grad():
-                self._ema_update(index, flat, indices)
-                self._replace_dead(index, flat)
             codes.append(indices)
             quantized_sum = quantized_sum + quantized
             residual = residual - quantized
-        flat_embeddings = embeddings.transpose(1, 2).reshape(-1, dim)
-        straight_through = flat_embeddings + (quantized_sum - flat_embeddings).detach()
-        out = straight_through.reshape(batch, frames, dim).transpose(1, 2)
+        out = (flat + (quantized_sum - flat).detach()).reshape(batch, frames, dim).transpose(1, 2)
         return out, torch.stack(codes).reshape(len(self.codebooks), batch, frames).transpose(0, 1), \
             torch.stack(losses).mean()
 
@@ -265,15 +251,14 @@ class RVQTrainer:
         self.initialised = True
 
     def _kmeans(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = self._sample(vectors, k)
-        centroids = vectors[picks].clone()
+        centroids = vectors[self._sample(vectors, k)]  # (advanced indexing copies)
         counts = torch.zeros(k)
         for _ in range(self.kmeans_iters):
             assign = self._nearest(vectors, centroids)
             counts = torch.bincount(assign, minlength=k).float()
             sums = torch.zeros_like(centroids).index_add_(0, assign, vectors)
-            empty = counts == 0
-            centroids = torch.where(empty[:, None], vectors[self._sample(vectors, k)], sums / counts.clamp_min(1)[:, None])
+            refill = vectors[self._sample(vectors, k)]  # for empty clusters
+            centroids = torch.where((counts == 0)[:, None], refill, sums / counts.clamp_min(1)[:, None])
         return centroids, counts
 
     def _sample(self, vectors: torch.Tensor, count: int) -> torch.Tensor:
@@ -327,7 +312,7 @@ class RVQTrainer:
 
 def train_codec(data: Any, steps: int | None = None, *, codec: Codec | None = None,
                 codec_options: dict[str, Any] | None = None, config: CodecTrainingConfig | None = None,
-                seed: int | None = None, log: Callable[[dict[str, float]], None] | None = None,
+                log: Callable[[dict[str, float]], None] | None = None,
                 **overrides: Any) -> tuple[Codec, CodecTrainingReport]:
     """Train a codec on `data`; returns the trained `Codec` (in eval mode) and a `CodecTrainingReport`.
 
@@ -345,14 +330,11 @@ def train_codec(data: Any, steps: int | None = None, *, codec: Codec | None = No
     config = dataclasses.replace(config or CodecTrainingConfig(), **overrides)
     if steps is not None:
         config.steps = int(steps)
-    if seed is not None:
-        config.seed = int(seed)
     if codec is None:
         codec = build_encodec(**{**DEMO_CODEC, **(codec_options or {})}, seed=config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    batches = _batches_from(data, config, codec.sample_rate, codec.hop_length, rng)
+    batches = _batches_from(data, config, codec.sample_rate, codec.hop_length, np.random.default_rng(config.seed))
     model = codec.model
+    generator = torch.Generator().manual_seed(config.seed)
     rvq = RVQTrainer(codec, decay=config.ema_decay, kmeans_iters=config.kmeans_iters,
                      dead_code_fraction=config.dead_code_fraction, generator=generator)
     spectral = MultiScaleSpectralLoss(codec.sample_rate)
@@ -415,8 +397,7 @@ def evaluate_codec(codec: Codec, clips: Iterable[Any]) -> dict[str, Any]:
         codes = codec.encode(wave)
         decoded = codec.decode(codes)[0, 0, : audio.size].numpy()
         scores.append(si_snr(decoded, audio))
-        for k in range(codec.n_q):
-            counts[k] += torch.bincount(codes[0, k], minlength=codec.card).float()
+        counts += F.one_hot(codes[0, :codec.n_q], codec.card).sum(dim=1)
     used = (counts > 0).float().mean(dim=1)
     return {"si_snr": scores, "si_snr_mean": float(np.mean(scores)), "si_snr_median": float(np.median(scores)),
             "codes_used": [float(u) for u in used]}

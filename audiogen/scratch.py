@@ -23,20 +23,17 @@ from audiogen.config import AudioGenConfig
 from audiogen.model import AudioGen
 from audiogen.text import TextConditioner
 
-SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-
 
 def word_list() -> list[str]:
-    text = resources.files("audiogen.data").joinpath("words.txt").read_text()
-    return [w for w in text.split() if w]
+    return resources.files("audiogen.data").joinpath("words.txt").read_text().split()
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """WordPiece tokenizer: pad=0, </s>=1, <unk>=2, characters, then the word list."""
-    pieces = list(SPECIAL_TOKENS)
+    pieces = ["<pad>", "</s>", "<unk>"]
     characters = string.ascii_lowercase + string.digits
     pieces += list(characters) + ["##" + c for c in characters] + list(string.punctuation)
-    pieces += [w for w in word_list() if w not in pieces]
+    pieces += word_list()  # a word that is also a character or punctuation keeps its first id (dict.fromkeys)
     vocab = {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=64))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)

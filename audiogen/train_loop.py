@@ -1,14 +1,7 @@
 """The training loop both trainers run on: the LM (`audiogen.training.TrainState`, on Ray Train workers through
 `pipelines.train`) and the codec (`audiogen.codec_training.train_codec`). Pure torch: what is distributed (gradient
-all-reduce, metric sums over workers, checkpoints) comes in through the module wrapper and the hooks.
-
-- `Schedule`: the learning-rate multiplier: linear warmup, then inverse square root, cosine or constant.
-- `Stepper`: one optimizer update over micro-batches (the gradient is the mean of theirs; DDP/FSDP all-reduce only
-  on the last one), clipping, the schedule and the step counter; what a micro-batch's loss is, is `loss_fn`'s.
-- `Window`: the steps since the last row -> mean metrics and per-second rates of the `totals` (tokens, segments).
-- `run`: steps from the stepper's step (a resumed run continues its count) to `max_steps`, with a row on the first
-  step (the starting loss is on record), every `log_every` steps and at the end, and an evaluation (the hook
-  checkpoints then) every `eval_every` steps and at the end, repeated in the rows until the next one.
+all-reduce, metric sums over workers, checkpoints) comes in through the module wrapper and the hooks; what a
+micro-batch's loss is, is the stepper's `loss_fn`'s.
 """
 
 from __future__ import annotations
@@ -17,6 +10,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +25,8 @@ Reduce = Callable[[list[float]], list[float]]  # element-wise sum over data-para
 
 @dataclass(frozen=True)
 class Schedule:
+    """The learning-rate multiplier: linear warmup, then inverse square root, cosine or constant."""
+
     kind: str = "constant"  # one of SCHEDULES, after the warmup
     warmup_steps: int = 0
     max_steps: int = 1  # the cosine decays over these
@@ -91,19 +87,19 @@ class Stepper:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def update(self, micro_batches: Sequence[Any]) -> dict[str, float]:
-        """One optimizer update over `micro_batches` (their number is this step's accumulation): their `loss` and
-        metrics (means; `totals` summed) and `grad_norm` (before clipping)."""
+        """One optimizer update over `micro_batches` (their number is this step's accumulation; the gradient is the
+        mean of theirs, all-reduced on the last one only): their `loss` and metrics (means; `totals` summed) and
+        `grad_norm` (before clipping)."""
         if not micro_batches:
             raise ValueError("an update needs at least one micro-batch")
         self.module.train()
         count = len(micro_batches)
-        sums: dict[str, float] = {}
+        sums: Counter[str] = Counter()
         for index, batch in enumerate(micro_batches):
             with gradient_sync(self.module, index == count - 1):
                 loss, metrics = self.loss_fn(batch, index)
                 (loss / count).backward()
-            for key, value in {"loss": float(loss.detach()), **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            sums.update({key: float(value) for key, value in {"loss": loss.detach(), **metrics}.items()})
         result = {key: value if key in self.totals else value / count for key, value in sums.items()}
         # plain, DDP or FSDP2 (DTensor gradients: the norm is reduced over the shards)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip or float("inf"))
@@ -116,17 +112,17 @@ class Stepper:
 
 
 class Window:
-    """The metrics of the steps since the last row."""
+    """The metrics of the steps since the last row: their means, and per-second rates of the `totals` (tokens,
+    segments)."""
 
     def __init__(self, totals: Iterable[str] = ()) -> None:
         self.totals = frozenset(totals)
-        self.sums: dict[str, float] = {}
+        self.sums: Counter[str] = Counter()
         self.steps = 0
         self.started = time.perf_counter()
 
     def add(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.sums.update(metrics)
         self.steps += 1
 
     def summary(self, reduce: Reduce | None = None) -> dict[str, float]:
@@ -144,10 +140,12 @@ class Window:
 def run(stepper: Stepper, micro_batches: Iterable[Any], *, max_steps: int, log_every: int,
         on_row: Callable[[dict[str, Any], bool], None], grad_accum: int = 1, eval_every: int = 0,
         evaluate: Callable[[], dict[str, float]] | None = None, reduce: Reduce | None = None) -> None:
-    """Train until `stepper.step == max_steps`, `grad_accum` micro-batches per update (`micro_batches` must not run
-    out). `on_row(row, evaluated)` gets `step`, `lr` (of the row's last update), the window's metrics, `seconds`
-    since this call and the latest `evaluate()` metrics; `evaluated` says this row's step evaluated (every
-    `eval_every` steps, 0 = only the last, and the last)."""
+    """Train from `stepper.step` (a resumed run continues its count) until `stepper.step == max_steps`,
+    `grad_accum` micro-batches per update (`micro_batches` must not run out). A row on the first step (the starting
+    loss is on record), every `log_every` steps and at the end: `on_row(row, evaluated)` gets `step`, `lr` (of the
+    row's last update), the window's metrics, `seconds` since this call and the latest `evaluate()` metrics
+    (repeated until the next evaluation); `evaluated` says this row's step evaluated (the hook checkpoints then:
+    every `eval_every` steps, 0 = only the last, and the last)."""
     batches, window = iter(micro_batches), Window(stepper.totals)
     first, started = stepper.step + 1, time.perf_counter()
     latest: dict[str, float] = {}

@@ -1,26 +1,9 @@
 """Training the LM on (caption, codes) pairs: pure torch, importable without Ray.
 
-The Ray job (`pipelines/train.py`) only moves data and processes around these pieces:
-
-- `collate`: codes [K, T] per example (+ how many frames are real) -> delay-pattern input tokens, targets and the
-  mask of the positions whose target is a real frame. A short segment is turned into the pattern of a clip of
-  its real length (frames past its end become the special token, exactly what generation produces past the end),
-  then padded with special tokens, so its loss equals the loss of the short clip on its own.
-- `lm_loss`: cross-entropy per codebook over the masked positions. `weighting="codebook"` (default, audiocraft):
-  the mean over codebooks of each codebook's mean CE over its valid positions; `"token"`: one mean over all valid
-  (codebook, position) pairs. The two differ only by how the few delay-padding positions count.
-- condition dropout for classifier-free guidance: a dropped example gets the empty caption, which is the null
-  condition the generator's unconditional branch uses. `cfg_dropout_mode="sample"` (default) drops each example
-  independently with probability p; `"batch"` drops the whole micro-batch with probability p, as audiocraft does.
-  Per-sample dropout keeps every batch's gradient mixed (with audiocraft's per-batch draw a small batch is
-  entirely unconditional one step in ten, a noisy gradient), and the expected fraction of null conditions is the
-  same p either way.
-- `CaptionEncoder`: the frozen T5 with an LRU cache of its outputs per caption (captions repeat across the
-  segments of a file and across epochs); the trainable text projection lives in `ConditionedLM` with the LM.
-- `build_optimizer`: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings, none on biases/norms.
-- `TrainState`: the LM's `audiogen.train_loop.Stepper` (accumulation, clipping, schedule), bf16 autocast on GPU,
-  evaluation and checkpoints (read back with `torch.load(weights_only=True)` only); `train_loop.run` drives it.
-- `export_model`: a training checkpoint + the base model's T5 and codec -> an `AudioGen` for `save_pretrained`.
+The Ray job (`pipelines/train.py`) only moves data and processes around these pieces: `collate` (codes ->
+delay-pattern batches), `lm_loss`, condition dropout (`drop_conditions`), the cached frozen T5 (`CaptionEncoder`),
+`build_optimizer`, `TrainState` (the LM's `audiogen.train_loop.Stepper`, with evaluation and checkpoints, which
+`train_loop.run` drives) and `export_model`.
 
 Loss scaling under accumulation and data parallelism: each micro-batch's loss is its own masked mean, the step's
 gradient is the average over micro-batches (and DDP averages over workers), as in audiocraft.
@@ -85,9 +68,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.validate()
 
-    def validate(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise InvalidConfigError(f"training.{name}", f"{rule} (got {getattr(self, name)!r})")
@@ -109,8 +90,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise InvalidConfigError(f"training.{unknown[0]}", f"unknown training option(s) {unknown}")
         return cls(**values)
@@ -140,7 +120,9 @@ def collate(codes: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, captions:
 
     Frames at or past `n_frames[i]` (padding of a short last segment) are never targets and never inputs: they
     become the special token `card`, as past the end of a generated clip. The batch is as long as its longest
-    real example (at most `max_frames`, cropping from the start), plus `max(delays)` positions.
+    real example (at most `max_frames`, cropping from the start), plus `max(delays)` positions. A short segment
+    thus has the pattern of a clip of its real length, padded with special tokens: its loss equals the loss of the
+    short clip on its own.
     """
     delays = tuple(int(d) for d in delays)
     items = [torch.as_tensor(np.asarray(c) if not isinstance(c, torch.Tensor) else c) for c in codes]
@@ -148,19 +130,17 @@ def collate(codes: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, captions:
         raise ValueError("collate needs at least one example")
     if len(captions) != len(items):
         raise ValueError(f"{len(items)} code arrays but {len(captions)} captions")
-    num_codebooks = len(delays)
     lengths = [int(x) for x in (n_frames if n_frames is not None else [c.shape[-1] for c in items])]
     if len(lengths) != len(items):
         raise ValueError(f"{len(items)} code arrays but {len(lengths)} frame counts")
     for index, (item, length) in enumerate(zip(items, lengths)):
-        if item.dim() != 2 or item.shape[0] != num_codebooks:
-            raise ValueError(f"example {index}: codes have shape {tuple(item.shape)}, expected [{num_codebooks}, T]")
+        if item.dim() != 2 or item.shape[0] != len(delays):
+            raise ValueError(f"example {index}: codes have shape {tuple(item.shape)}, expected [{len(delays)}, T]")
         if not 1 <= length <= item.shape[-1]:
             raise ValueError(f"example {index}: n_frames={length} outside [1, {item.shape[-1]}]")
     if max_frames is not None:
         lengths = [min(length, int(max_frames)) for length in lengths]
-    frames = max(lengths)
-    padded = torch.full((len(items), num_codebooks, frames), card, dtype=torch.long)
+    padded = torch.full((len(items), len(delays), max(lengths)), card, dtype=torch.long)
     for index, (item, length) in enumerate(zip(items, lengths)):
         real = item[:, :length].to(torch.long)
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= card):
@@ -168,13 +148,16 @@ def collate(codes: Sequence[torch.Tensor | np.ndarray] | torch.Tensor, captions:
         padded[index, :, :length] = real
     sequence = build_delay_pattern(padded, delays, card)  # [B, K, frames + D + 1]
     index = pattern_frame_index(sequence.shape[-1], delays)[:, 1:]  # frame held by each target position
-    limit = torch.tensor(lengths)[:, None, None]
-    mask = (index[None] >= 0) & (index[None] < limit)
+    mask = (index[None] >= 0) & (index[None] < torch.tensor(lengths)[:, None, None])
     return Batch(sequence[..., :-1].contiguous(), sequence[..., 1:].contiguous(), mask, list(captions))
 
 
 def drop_conditions(captions: Sequence[str], p: float, mode: str, generator: torch.Generator) -> list[str]:
-    """Classifier-free-guidance dropout: replace captions by the null condition "" with probability p."""
+    """Classifier-free-guidance dropout: replace captions by "", the null condition the generator's unconditional
+    branch uses, with probability p: each independently (`mode="sample"`) or all at once (`"batch"`, audiocraft).
+    Per-sample dropout keeps every batch's gradient mixed (with audiocraft's per-batch draw a small batch is
+    entirely unconditional one step in ten, a noisy gradient); the expected fraction of null conditions is p either
+    way."""
     captions = list(captions)
     if p <= 0 or not captions:
         return captions
@@ -212,8 +195,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, wei
             ) -> LossOutput:
     """Masked cross-entropy of logits [B, K, S, card] against targets [B, K, S] where mask [B, K, S].
 
-    `codebook`: mean over codebooks (with any valid position) of each codebook's mean CE; `token`: the mean over
-    all valid (codebook, position) pairs.
+    `codebook` (audiocraft): mean over codebooks (with any valid position) of each codebook's mean CE; `token`:
+    the mean over all valid (codebook, position) pairs. The two differ only by how the few delay-padding positions
+    count.
     """
     safe = torch.where(mask, targets, torch.zeros_like(targets))  # `collate` checked the real codes' range
     # [B*K*S, card] rows: the heads' stacked logits are contiguous in this order, so no copy (a class-dim-1
@@ -247,7 +231,8 @@ class ConditionedLM(nn.Module):
 
 class CaptionEncoder:
     """Frozen T5 + tokenizer -> (hidden [B, L, text_dim] float32, mask [B, L]); an empty caption is the null
-    condition (no visible token). Outputs are cached per caption (LRU, on the CPU).
+    condition (no visible token). Outputs are cached per caption (LRU, on the CPU): captions repeat across the
+    segments of a file and across epochs.
 
     Captions longer than `max_tokens` are truncated (the tokenizer keeps its end token), not refused: one long
     caption must not fail a training run.
@@ -278,33 +263,25 @@ class CaptionEncoder:
         return [hidden[i, :int(attention[i].sum())].cpu() for i in range(len(captions))]
 
     def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows: dict[str, torch.Tensor] = {}
         wanted = [c for c in dict.fromkeys(captions) if c.strip()]
-        missing = []
-        for caption in wanted:
-            cached = self._cache.get(caption)
-            if cached is None:
-                missing.append(caption)
-            else:
-                self._cache.move_to_end(caption)
-                rows[caption] = cached
-        self.hits += len(wanted) - len(missing)
+        rows = {c: self._cache[c] for c in wanted if c in self._cache}
+        missing = [c for c in wanted if c not in rows]
+        for caption in rows:
+            self._cache.move_to_end(caption)
+        self.hits += len(rows)
         self.misses += len(missing)
         if missing:
-            for caption, value in zip(missing, self._encode(missing)):
-                rows[caption] = value
-                if self.cache_size:
-                    self._cache[caption] = value
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        length = max([1] + [rows[c].shape[0] for c in captions if c.strip()])
-        hidden = torch.zeros(len(captions), length, self.text_dim)
-        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+            rows.update(zip(missing, self._encode(missing)))
+            if self.cache_size:
+                self._cache.update((c, rows[c]) for c in missing)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        lengths = [rows[c].shape[0] if c in rows else 0 for c in captions]
+        hidden = torch.zeros(len(captions), max([1, *lengths]), self.text_dim)
         for index, caption in enumerate(captions):
-            if caption.strip():
-                row = rows[caption]
-                hidden[index, :row.shape[0]] = row
-                mask[index, :row.shape[0]] = True
+            if caption in rows:
+                hidden[index, :lengths[index]] = rows[caption]
+        mask = torch.arange(hidden.shape[1]) < torch.tensor(lengths, dtype=torch.long)[:, None]
         return hidden.to(self.device), mask.to(self.device)
 
 
@@ -314,20 +291,15 @@ class CaptionEncoder:
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains (nanoGPT's split;
     audiocraft decays everything, which pulls LayerNorm gains towards zero)."""
-    decay, no_decay = [], []
-    for _, parameter in module.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    trained = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
-    if any(p.is_cuda for p in module.parameters()):
-        kwargs["fused"] = True
-    return torch.optim.AdamW(parameter_groups(module, config.weight_decay), **kwargs)
+    return torch.optim.AdamW(parameter_groups(module, config.weight_decay), lr=config.lr, betas=tuple(config.betas),
+                             eps=config.eps, fused=any(p.is_cuda for p in module.parameters()) or None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,17 +363,14 @@ class TrainState(Stepper):
                 "val_tokens": int(sums[1].sum())}
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Full (unsharded, CPU) model and optimizer state. Collective under FSDP: call it on every rank."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(self.module, self.optimizer,
-                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
     def save(self, directory: str | os.PathLike[str], *, meta: dict[str, Any] | None = None,
              write: bool = True) -> None:
-        """Write a training checkpoint into `directory` (only when `write`; every rank must call it under FSDP)."""
-        model_state, optim_state = self.state_dicts()
+        """Write a training checkpoint (full, unsharded model and optimizer state) into `directory`, only when
+        `write`: gathering the state is collective under FSDP, every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not write:
             return
         directory = Path(directory)
@@ -411,8 +380,8 @@ class TrainState(Stepper):
         torch.save(payload, directory / CHECKPOINT_STATE_FILE)
         info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
                 "model_config": self.model_config.to_dict(), "training_config": asdict(self.config),
-                "text_projection": isinstance(getattr(self.module, "module", self.module).text_proj, nn.Linear)}
-        info.update(meta or {})
+                "text_projection": isinstance(getattr(self.module, "module", self.module).text_proj, nn.Linear),
+                **(meta or {})}
         (directory / CHECKPOINT_META_FILE).write_text(json.dumps(info, indent=2, default=str))
 
     def load(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -497,18 +466,12 @@ def export_model(checkpoint: str | os.PathLike[str], base: Any, *, source: dict[
     from audiogen.text import TextConditioner
 
     meta = read_checkpoint_meta(checkpoint)
-    state = read_checkpoint_state(checkpoint)["model"]
     config = AudioGenConfig.from_dict(meta["model_config"])
-    lm = LanguageModel(config)
-    lm.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("lm.")}, strict=True)
-    project = bool(meta.get("text_projection", True))
     text = TextConditioner(base.text.t5, base.text.tokenizer, dim=config.dim, max_tokens=config.max_text_tokens,
-                           project=project)
-    if project:
-        text.output_proj.load_state_dict({k[len("text_proj."):]: v for k, v in state.items()
-                                          if k.startswith("text_proj.")}, strict=True)
-    info = {"format": "audiogen-train", "step": meta.get("step"), "base": base.source}
-    info.update(source or {})
+                           project=bool(meta.get("text_projection", True)))
+    lm = LanguageModel(config)
+    ConditionedLM(lm, text.output_proj).load_state_dict(read_checkpoint_state(checkpoint)["model"], strict=True)
+    info = {"format": CHECKPOINT_FORMAT, "step": meta.get("step"), "base": base.source, **(source or {})}
     return AudioGen(config, lm, text, base.codec, source=info, device="cpu", dtype=torch.float32)
 
 

@@ -165,10 +165,10 @@ def test_si_snr_identity_scale_and_known_noise() -> None:
 
 
 def test_corpus_is_deterministic_and_item_independent() -> None:
-    first = synth.make_corpus(6, seed=3, duration=1.0)
-    again = synth.make_corpus(6, seed=3, duration=1.0)
-    longer = synth.make_corpus(8, seed=3, duration=1.0)
-    other = synth.make_corpus(6, seed=4, duration=1.0)
+    first = list(synth.iter_corpus(6, seed=3, duration=1.0))
+    again = list(synth.iter_corpus(6, seed=3, duration=1.0))
+    longer = list(synth.iter_corpus(8, seed=3, duration=1.0))
+    other = list(synth.iter_corpus(6, seed=4, duration=1.0))
     for a, b, c in zip(first, again, longer):
         assert a.spec == b.spec == c.spec and a.caption == b.caption == c.caption
         assert np.array_equal(a.audio, b.audio) and np.array_equal(a.audio, c.audio)
@@ -178,7 +178,7 @@ def test_corpus_is_deterministic_and_item_independent() -> None:
 def test_every_kind_renders_at_minus_3_dbfs() -> None:
     for kind in synth.KINDS:
         for split in synth.SPLITS:
-            item = synth.make_corpus(1, seed=11, split=split, kind=kind, duration=2.0)[0]
+            item = next(synth.iter_corpus(1, seed=11, split=split, kind=kind, duration=2.0))
             assert item.audio.dtype == np.float32 and item.audio.shape == (2 * SR,)
             assert np.isfinite(item.audio).all()
             assert float(np.max(np.abs(item.audio))) == pytest.approx(10 ** (-3 / 20), rel=1e-4), (kind, item.spec)
@@ -251,7 +251,7 @@ def test_write_corpus_manifest_is_what_encode_reads(tmp_path) -> None:
     assert manifest == tmp_path / "heldout.jsonl"
     table = load_manifest(str(manifest)).to_pylist()
     rows = synth.read_manifest(manifest)
-    items = synth.make_corpus(3, seed=5, split="heldout", duration=1.0)
+    items = list(synth.iter_corpus(3, seed=5, split="heldout", duration=1.0))
     for entry, row, item in zip(table, rows, items):
         assert entry["caption"] == row["caption"] == item.caption and entry["split"] == "heldout"
         assert row["spec"] == item.spec

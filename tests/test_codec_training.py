@@ -16,7 +16,7 @@ SMALL_CODEC = dict(card=32, num_filters=4, hidden_size=16)
 
 
 def _clips(n: int, seed: int = 0) -> list[np.ndarray]:
-    return [item.audio for item in synth.make_corpus(n, seed, duration=1.0)]
+    return [item.audio for item in synth.iter_corpus(n, seed, duration=1.0)]
 
 
 def test_spectral_loss_is_zero_for_identical_audio_and_grows_with_distortion() -> None:

@@ -70,10 +70,8 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pa
     caption_col = _pick(table, CAPTION_COLUMNS, "caption")
     n = table.num_rows
 
-    def column(name: str | None, default: Any) -> list[Any]:
-        if name is None or name not in table.column_names:
-            return [default] * n
-        return table[name].to_pylist()
+    def column(name: str, default: Any) -> list[Any]:
+        return table[name].to_pylist() if name in table.column_names else [default] * n
 
     paths = [_resolve_path(str(p), base) if p is not None else "" for p in column(path_col, None)]
     captions = ["" if c is None else str(c) for c in column(caption_col, "")]
@@ -83,12 +81,9 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pa
     given = column("id", None)
     ids = [str(i) if i is not None else source_id(p, c, o, d)
            for i, p, c, o, d in zip(given, paths, captions, offsets, durations)]
-    seen: dict[str, int] = {}
-    duplicates = []
-    for index, row_id in enumerate(ids):
-        if row_id in seen:
-            duplicates.append(f"{row_id!r} (rows {seen[row_id]} and {index})")
-        seen.setdefault(row_id, index)
+    first: dict[str, int] = {}  # row of each id's first occurrence
+    duplicates = [f"{row_id!r} (rows {first[row_id]} and {index})" for index, row_id in enumerate(ids)
+                  if first.setdefault(row_id, index) != index]
     if duplicates:
         raise ValueError(f"manifest {url} has duplicate ids: {', '.join(duplicates[:5])}"
                          f"{' ...' if len(duplicates) > 5 else ''}")

@@ -67,16 +67,16 @@ WAVEFORMS = ("sine", "square", "saw")
 ENVELOPES = ("steady", "decay", "swell", "fade_out")
 DIRECTIONS = ("up", "down")
 COLORS = ("white", "pink", "brown")
-# Power spectral slope of each colour in dB per octave (power ~ 1/f^alpha: -3.01 * alpha dB/octave).
-COLOR_SLOPES = {"white": 0.0, "pink": -3.0103, "brown": -6.0206}
 TEMPOS = (60, 80, 90, 100, 120, 140, 160, 180)
 SOURCES = ("click", "beep", "drum", "noise")
+HIT_SECONDS = {"click": 0.004, "beep": 0.1, "drum": 0.3}  # length of one beat event; noise: min(0.25, 5 * decay)
 SPEEDS = ("slow", "fast")
 SIREN_RATES = {"slow": (0.4, 0.8), "fast": (2.5, 5.0)}
 KINDS = ("tone", "sweep", "siren", "noise", "beat", "sequence", "mix")
 KIND_WEIGHTS = (0.26, 0.15, 0.08, 0.15, 0.20, 0.08, 0.08)
 PART_KINDS = ("tone", "noise", "sweep")  # what a sequence is made of
 FOREGROUND_KINDS = ("tone", "sweep", "siren", "beat")  # what a mix puts over its noise background
+SEQUENCE_GAP = 0.1  # seconds of silence between the parts of a sequence
 HELDOUT_FRACTION = 5  # about one combination in HELDOUT_FRACTION is held out
 # Salt of the held-out hash: the first of a fixed search that holds out 15-25 % of every kind's combinations, keeps
 # every single value in training, and holds out a combination for every noise colour (see `is_heldout_combination`).
@@ -86,10 +86,6 @@ HELDOUT_SALT = "synth-heldout-191:"
 def note_hz(note: str) -> float:
     """Frequency of a note of `NOTES` (equal temperament, A4 = 440 Hz)."""
     return 440.0 * 2.0 ** ((NOTES[note] - 69) / 12)
-
-
-def midi_hz(midi: float) -> float:
-    return 440.0 * 2.0 ** ((midi - 69) / 12)
 
 
 def register(note: str) -> str:
@@ -128,9 +124,7 @@ class SoundSpec:
     level_db: float = -3.0  # peak level of the rendered clip (dBFS)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["parts"] = [part.to_dict() for part in self.parts]
-        return data
+        return dataclasses.asdict(self)  # parts too, as dicts
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -142,21 +136,9 @@ class SoundSpec:
         return cls(**data)
 
     @property
-    def register(self) -> str | None:
-        return register(self.note) if self.note else None
-
-    @property
     def frequency(self) -> float | None:
         """The note's frequency in Hz (start of a sweep, centre of a siren, pitch of beeps)."""
         return note_hz(self.note) if self.note else None
-
-    @property
-    def end_frequency(self) -> float | None:
-        """Where a sweep ends."""
-        if self.kind != "sweep":
-            return None
-        sign = 1.0 if self.direction == "up" else -1.0
-        return note_hz(self.note) * 2.0 ** (sign * self.span / 12)
 
 
 def combination(spec: SoundSpec) -> tuple[Any, ...] | None:
@@ -198,7 +180,9 @@ def _choice(rng: np.random.Generator, options: Sequence[Any]) -> Any:
 
 def sample_spec(rng: np.random.Generator, split: str = "train", *, kind: str | None = None,
                 duration: float = DEFAULT_DURATION) -> SoundSpec:
-    """A random spec of `kind` (else drawn by `KIND_WEIGHTS`) whose combination belongs to `split`."""
+    """A random spec of `kind` (else drawn by `KIND_WEIGHTS`) whose combination belongs to `split`. The parts of
+    sequences and mixes only take the split's continuous ranges: what is held out about them is their
+    combination and caption templates."""
     _check_split(split)
     if kind is None:
         kind = KINDS[int(rng.choice(len(KINDS), p=np.asarray(KIND_WEIGHTS) / sum(KIND_WEIGHTS)))]
@@ -206,43 +190,34 @@ def sample_spec(rng: np.random.Generator, split: str = "train", *, kind: str | N
         raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
     if kind == "sequence":
         count = 2 if rng.random() < 0.7 else 3
-        gap = 0.1
-        part_duration = (duration - gap * (count - 1)) / count
-        parts = tuple(_sample_simple(rng, split, _choice(rng, PART_KINDS), part_duration, part=True)
-                      for _ in range(count))
+        part_duration = (duration - SEQUENCE_GAP * (count - 1)) / count
+        parts = tuple(_draw_simple(rng, split, _choice(rng, PART_KINDS), part_duration) for _ in range(count))
         return SoundSpec(kind="sequence", duration=duration, parts=parts, seed=int(rng.integers(2**31)))
     if kind == "mix":
-        foreground = _sample_simple(rng, split, _choice(rng, FOREGROUND_KINDS), duration, part=True)
-        background = _sample_simple(rng, split, "noise", duration, envelope="steady", part=True)
+        foreground = _draw_simple(rng, split, _choice(rng, FOREGROUND_KINDS), duration)
+        background = _draw_simple(rng, split, "noise", duration, envelope="steady")
         background = dataclasses.replace(background, gain_db=-_draw(rng, 4.0, 14.0, split))
         return SoundSpec(kind="mix", duration=duration, parts=(foreground, background),
                          seed=int(rng.integers(2**31)))
-    return _sample_simple(rng, split, kind, duration)
-
-
-def _sample_simple(rng: np.random.Generator, split: str, kind: str, duration: float,
-                   envelope: str | None = None, part: bool = False) -> SoundSpec:
-    """A tone/sweep/siren/noise/beat spec of `split`. Parts of sequences and mixes only take the split's
-    continuous ranges: what is held out about them is their combination and caption templates."""
-    if part:
-        return _draw_simple(rng, split, kind, duration, envelope)
-    for _ in range(1000):
-        spec = _draw_simple(rng, split, kind, duration, envelope)
+    for _ in range(1000):  # a simple kind: redrawn until its combination belongs to the split
+        spec = _draw_simple(rng, split, kind, duration)
         if is_heldout_combination(combination(spec)) == (split == "heldout"):
             return spec
     raise RuntimeError(f"no {split} combination found for kind {kind!r}")  # pragma: no cover
 
 
 def _draw_simple(rng: np.random.Generator, split: str, kind: str, duration: float,
-                 envelope: str | None) -> SoundSpec:
+                 envelope: str | None = None) -> SoundSpec:
     seed = int(rng.integers(2**31))
     notes = list(NOTES)
-    if kind == "tone":
+    if kind in ("tone", "noise"):
         env = envelope or _choice(rng, ENVELOPES)
-        decay = _draw(rng, 0.15, 0.6, split) if env == "decay" else None
-        onset = _draw(rng, 0.0, 0.2, split) if env == "decay" else 0.0
+        shape = dict(envelope=env, decay=_draw(rng, 0.15, 0.6, split) if env == "decay" else None,
+                     onset=_draw(rng, 0.0, 0.2, split) if env == "decay" else 0.0)
+        if kind == "noise":
+            return SoundSpec(kind="noise", duration=duration, color=_choice(rng, COLORS), seed=seed, **shape)
         return SoundSpec(kind="tone", duration=duration, note=_choice(rng, notes), waveform=_choice(rng, WAVEFORMS),
-                         envelope=env, decay=decay, onset=onset, seed=seed)
+                         seed=seed, **shape)
     if kind == "sweep":
         direction = _choice(rng, DIRECTIONS)
         span = _draw(rng, 7.0, 24.0, split)
@@ -260,12 +235,6 @@ def _draw_simple(rng: np.random.Generator, split: str, kind: str, duration: floa
         return SoundSpec(kind="siren", duration=duration, note=_choice(rng, notes[2:-2]),
                          waveform=_choice(rng, WAVEFORMS), speed=speed, rate=round(_draw(rng, low, high, split), 4),
                          depth=round(_draw(rng, 3.0, 7.0, split), 3), seed=seed)
-    if kind == "noise":
-        env = envelope or _choice(rng, ENVELOPES)
-        decay = _draw(rng, 0.15, 0.6, split) if env == "decay" else None
-        onset = _draw(rng, 0.0, 0.2, split) if env == "decay" else 0.0
-        return SoundSpec(kind="noise", duration=duration, color=_choice(rng, COLORS), envelope=env, decay=decay,
-                         onset=onset, seed=seed)
     if kind == "beat":
         source = _choice(rng, SOURCES)
         tempo = int(_choice(rng, TEMPOS))
@@ -288,12 +257,11 @@ def _check_split(split: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def render(spec: SoundSpec, sample_rate: int = SAMPLE_RATE, duration: float | None = None) -> np.ndarray:
-    """float32 mono samples [round(duration * sample_rate)], peak at `spec.level_db` dBFS."""
-    duration = spec.duration if duration is None else float(duration)
-    n = int(round(duration * sample_rate))
+def render(spec: SoundSpec, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """float32 mono samples [round(spec.duration * sample_rate)], peak at `spec.level_db` dBFS."""
+    n = int(round(spec.duration * sample_rate))
     if n <= 0:
-        raise ValueError(f"duration must be positive, got {duration}")
+        raise ValueError(f"duration must be positive, got {spec.duration}")
     audio = _render(spec, sample_rate, n)
     peak = float(np.max(np.abs(audio)))
     if peak > 0:
@@ -326,7 +294,6 @@ def _render(spec: SoundSpec, sr: int, n: int) -> np.ndarray:
         return _beat(spec, sr, n, rng)
     if spec.kind == "sequence":
         out = np.zeros(n)
-        gap = 0.1
         start = 0
         for part in spec.parts:
             length = min(int(round(part.duration * sr)), n - start)
@@ -334,7 +301,7 @@ def _render(spec: SoundSpec, sr: int, n: int) -> np.ndarray:
                 break
             piece = _render(part, sr, length)
             out[start:start + length] = piece / max(float(np.max(np.abs(piece))), 1e-9)
-            start += length + int(round(gap * sr))
+            start += length + int(round(SEQUENCE_GAP * sr))
         return out
     if spec.kind == "mix":
         out = np.zeros(n)
@@ -421,27 +388,22 @@ def _hit(spec: SoundSpec, sr: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _raw_hit(spec: SoundSpec, sr: int, rng: np.random.Generator) -> np.ndarray:
+    if spec.source not in SOURCES:
+        raise ValueError(f"unknown beat source {spec.source!r}")
+    seconds = min(0.25, 5 * spec.decay) if spec.source == "noise" else HIT_SECONDS[spec.source]
+    length = int(seconds * sr)
+    t = np.arange(length) / sr
     if spec.source == "click":
-        length = int(0.004 * sr)
-        t = np.arange(length) / sr
         return rng.standard_normal(length) * np.exp(-t / 0.0008)
     if spec.source == "noise":
-        length = int(min(0.25, 5 * spec.decay) * sr)
-        t = np.arange(length) / sr
         return rng.standard_normal(length) * np.exp(-t / spec.decay) * np.clip(t / 0.002, 0, 1)
     if spec.source == "drum":
-        length = int(0.3 * sr)
-        t = np.arange(length) / sr
         freq = 50.0 + 110.0 * np.exp(-t / 0.03)
         return np.sin(2 * np.pi * np.cumsum(freq) / sr) * np.exp(-t / (1.5 * spec.decay + 0.03)) \
             * np.clip(t / 0.001, 0, 1)
-    if spec.source == "beep":
-        length = int(0.1 * sr)
-        t = np.arange(length) / sr
-        freq = note_hz(spec.note)
-        env = np.clip(t / 0.005, 0, 1) * np.clip((0.1 - t) / 0.02, 0, 1)
-        return _oscillator(2 * np.pi * freq * t, np.full(length, freq), spec.waveform, sr) * env
-    raise ValueError(f"unknown beat source {spec.source!r}")
+    freq = note_hz(spec.note)  # beep
+    env = np.clip(t / 0.005, 0, 1) * np.clip((0.1 - t) / 0.02, 0, 1)
+    return _oscillator(2 * np.pi * freq * t, np.full(length, freq), spec.waveform, sr) * env
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,7 +434,7 @@ _SOURCE_PLURAL = {"click": ["clicks", "ticks"], "drum": ["drum hits", "kick drum
 _SOURCE_SINGULAR = {"click": ["click"], "drum": ["kick drum"], "noise": ["noise burst"],
                     "beep": ["{wave} beep at {note}"]}
 
-# (train templates, held-out templates) per kind.
+# (train templates, held-out templates) per kind: indexed by the split's position in `SPLITS`.
 TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tone": ((
         "a {wave} tone at {note}, {env_post}",
@@ -551,25 +513,19 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def templates(kind: str, split: str = "train") -> tuple[str, ...]:
-    _check_split(split)
-    train, heldout = TEMPLATES[kind]
-    return train if split == "train" else heldout
-
-
 def caption(spec: SoundSpec, rng: np.random.Generator, split: str = "train") -> str:
     """A caption for `spec` from the `split`'s templates; the controlled parameters are always named."""
-    _check_split(split)
+    templates = TEMPLATES[spec.kind][_split_id(split)]
     if spec.kind == "sequence":
         first, *rest = [_phrase(part, rng) for part in spec.parts]
-        template = _choice(rng, templates("sequence", split))
+        template = _choice(rng, templates)
         if len(rest) == 2:  # three parts: the first two joined by ", then"
             first, rest = f"{first}, then {rest[0]}", rest[1:]
         return _tidy(template.format(first=first, second=rest[0]))
     if spec.kind == "mix":
         fg, bg = (_phrase(part, rng) for part in spec.parts)
-        return _tidy(_choice(rng, templates("mix", split)).format(fg=fg, bg=bg))
-    return _tidy(_choice(rng, templates(spec.kind, split)).format(**_slots(spec, rng)))
+        return _tidy(_choice(rng, templates).format(fg=fg, bg=bg))
+    return _tidy(_choice(rng, templates).format(**_slots(spec, rng)))
 
 
 def _phrase(spec: SoundSpec, rng: np.random.Generator) -> str:
@@ -653,15 +609,10 @@ def item_spec(index: int, seed: int, split: str = "train", *, duration: float = 
 
 def iter_corpus(n: int, seed: int, split: str = "train", *, duration: float = DEFAULT_DURATION,
                 sample_rate: int = SAMPLE_RATE, kind: str | None = None) -> Iterator[CorpusItem]:
+    """`n` (spec, caption, audio) items; deterministic given (seed, split, duration, sample_rate, kind)."""
     for index in range(n):
         spec, text = item_spec(index, seed, split, duration=duration, kind=kind)
         yield CorpusItem(spec, text, render(spec, sample_rate))
-
-
-def make_corpus(n: int, seed: int, split: str = "train", *, duration: float = DEFAULT_DURATION,
-                sample_rate: int = SAMPLE_RATE, kind: str | None = None) -> list[CorpusItem]:
-    """`n` (spec, caption, audio) items; deterministic given (seed, split, duration, sample_rate, kind)."""
-    return list(iter_corpus(n, seed, split, duration=duration, sample_rate=sample_rate, kind=kind))
 
 
 def write_corpus(directory: str | os.PathLike[str], n: int, seed: int, split: str = "train", *,
@@ -692,21 +643,15 @@ def write_corpus(directory: str | os.PathLike[str], n: int, seed: int, split: st
 
 def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a manifest written by `write_corpus`, with `spec` parsed back into a `SoundSpec`."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            row["spec"] = SoundSpec.from_dict(json.loads(row["spec"]))
-            rows.append(row)
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["spec"] = SoundSpec.from_dict(json.loads(row["spec"]))
     return rows
 
 
 def vocabulary(split: str = "train", n: int = 2000, seed: int = 0) -> set[str]:
     """Words (lower-case, punctuation split off) of the captions of the first `n` items of a split."""
-    words: set[str] = set()
-    for index in range(n):
-        words.update(caption_words(item_spec(index, seed, split)[1]))
-    return words
+    return {word for index in range(n) for word in caption_words(item_spec(index, seed, split)[1])}
 
 
 def caption_words(text: str) -> list[str]:
@@ -722,9 +667,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION)
     parser.add_argument("--format", default="wav", choices=("wav", "flac"))
     args = parser.parse_args(argv)
-    manifest = write_corpus(args.directory, args.n, args.seed, args.split, duration=args.duration,
-                            format=args.format)
-    print(manifest)
+    print(write_corpus(args.directory, args.n, args.seed, args.split, duration=args.duration, format=args.format))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ message when it fails.
 - `sweep_direction`: the sign of the median frame-to-frame pitch change of the pitch track (jumps larger than two
   semitones per frame, such as the restart of a repeated sweep or a tracker octave error, are ignored), with the
   fraction of steps that agree as confidence.
-- `beat_tempo`: spectral-flux onset envelope (4 ms hop, 40 dB range, local mean removed) -> autocorrelation over the 40-240 bpm lag range. The
-  shortest lag whose peak is at least `octave_ratio` of the strongest is taken (the fundamental period, not a
-  multiple of it: a biased autocorrelation of a clean pulse train peaks at every multiple, highest at the first).
+- `beat_tempo`: spectral-flux onset envelope (4 ms hop, 40 dB range, local mean removed) -> autocorrelation over
+  the 40-240 bpm lag range. The shortest lag whose peak is at least `octave_ratio` of the strongest is taken (the
+  fundamental period, not a multiple of it: a biased autocorrelation of a clean pulse train peaks at every
+  multiple, highest at the first).
   The period is then refined from the peaks at its multiples (k * period, the largest k that still stands out),
   which makes clean pulse trains exact to ~0.1 %. Half and double tempo are reported as `candidates` with their
   autocorrelation strengths.
@@ -60,12 +61,8 @@ def as_mono(audio: Any) -> np.ndarray:
 def note_hz(note: str) -> float:
     """"a4" -> 440.0; "c#3" / "db3" accepted (equal temperament)."""
     name = note.strip().lower()
-    base, rest = NOTE_OFFSETS[name[0]], name[1:]
-    if rest.startswith("#"):
-        base, rest = base + 1, rest[1:]
-    elif rest.startswith("b") and len(rest) > 1:
-        base, rest = base - 1, rest[1:]
-    midi = 12 * (int(rest) + 1) + base
+    accidental = {"#": 1, "b": -1}.get(name[1], 0) if len(name) > 2 else 0  # "b3" is the note b, not a flat
+    midi = 12 * (int(name[1 + abs(accidental):]) + 1) + NOTE_OFFSETS[name[0]] + accidental
     return 440.0 * 2.0 ** ((midi - 69) / 12)
 
 
@@ -78,11 +75,9 @@ def semitones(hz: float, reference_hz: float) -> float:
 
 def _frames(x: np.ndarray, length: int, hop: int) -> np.ndarray:
     """[frames, length] views of x (zero-padded at the end so the last samples get a frame)."""
-    if x.size < length:
-        x = np.pad(x, (0, length - x.size))
-    count = 1 + (x.size - length + hop - 1) // hop
+    count = 1 + max(0, -(-(x.size - length) // hop))
     x = np.pad(x, (0, (count - 1) * hop + length - x.size))
-    return np.lib.stride_tricks.sliding_window_view(x, length)[::hop][:count]
+    return np.lib.stride_tricks.sliding_window_view(x, length)[::hop]
 
 
 def _parabolic(values: np.ndarray, index: int) -> tuple[float, float]:
@@ -93,8 +88,7 @@ def _parabolic(values: np.ndarray, index: int) -> tuple[float, float]:
     denominator = a - 2 * b + c
     if denominator == 0:
         return float(index), float(b)
-    shift = 0.5 * (a - c) / denominator
-    shift = float(np.clip(shift, -1.0, 1.0))
+    shift = float(np.clip(0.5 * (a - c) / denominator, -1.0, 1.0))
     return index + shift, float(b - 0.25 * (a - c) * shift)
 
 
@@ -224,9 +218,7 @@ def onset_envelope(audio: Any, sample_rate: int, *, n_fft: int = 512, hop: int =
     seconds and half-wave rectified (steady noise adds a constant flux, which this removes). The first and last
     `n_fft` samples are zeroed: the clip's own edges (a sound cut off by the end of the clip is a broadband step)
     are not onsets of the audio."""
-    x = as_mono(audio)
-    x = np.pad(x, (n_fft // 2, n_fft // 2))
-    frames = _frames(x, n_fft, hop) * np.hanning(n_fft)
+    frames = _frames(np.pad(as_mono(audio), (n_fft // 2, n_fft // 2)), n_fft, hop) * np.hanning(n_fft)
     magnitude = np.abs(np.fft.rfft(frames, axis=1))
     log_mag = np.log1p(compression * magnitude / max(float(magnitude.max()), 1e-12))
     flux = np.concatenate([[0.0], np.maximum(np.diff(log_mag, axis=0), 0.0).sum(axis=1)])
@@ -277,8 +269,7 @@ def beat_tempo(audio: Any, sample_rate: int, *, bpm_range: tuple[float, float] =
     period = position / frame_rate
     candidates = {}
     for factor in (0.5, 1.0, 2.0):
-        other = position / factor
-        index = int(round(other))
+        index = int(round(position / factor))
         if 1 <= index < len(ac) - 1:
             candidates[round(60 / period * factor, 2)] = float(ac[index - 1:index + 2].max())
     period, used = _refine_period(ac, position, frame_rate)

@@ -1,14 +1,9 @@
-"""Does a clip deliver what its synth caption promises? One objective check per measurable kind of sound.
+"""Does a clip deliver what its synth caption promises? One objective check per measurable kind of sound: tones,
+sweeps, beats and noise (`CHECKS`, `RULES`). Sirens, sequences and mixes have no single property to check and are
+not measured.
 
 Shared by the demo recipe's evaluation (`jobs/demo_model.py`) and the quality tests of the shipped model, so the
-rates in the model card and the thresholds in the tests come from the same rules:
-
-- tone: dominant pitch within `PITCH_TOLERANCE_SEMITONES` of the captioned note;
-- sweep: the pitch moves in the captioned direction;
-- beat: tempo within `TEMPO_TOLERANCE` (relative) of the captioned bpm;
-- noise: spectral slope nearest the captioned colour (0 / -3 / -6 dB per octave).
-
-Sirens, sequences and mixes have no single property to check and are not measured.
+rates in the model card and the thresholds in the tests come from the same rules.
 """
 
 from __future__ import annotations
@@ -19,13 +14,13 @@ import numpy as np
 
 from audiogen.eval import audio_metrics as metrics
 
-CHECKS = {"tone": "pitch", "sweep": "sweep_direction", "beat": "tempo", "noise": "noise_colour"}
-RULES = {"pitch": "dominant pitch within 1 semitone of the captioned note",
-         "sweep_direction": "pitch moves in the captioned direction",
-         "tempo": "beat tempo within 5 % of the captioned bpm",
-         "noise_colour": "spectral slope nearest the captioned colour (0 / -3 / -6 dB per octave)"}
 PITCH_TOLERANCE_SEMITONES = 1.0
 TEMPO_TOLERANCE = 0.05
+CHECKS = {"tone": "pitch", "sweep": "sweep_direction", "beat": "tempo", "noise": "noise_colour"}
+RULES = {"pitch": f"dominant pitch within {PITCH_TOLERANCE_SEMITONES:g} semitone of the captioned note",
+         "sweep_direction": "pitch moves in the captioned direction",
+         "tempo": f"beat tempo within {TEMPO_TOLERANCE * 100:g} % of the captioned bpm",
+         "noise_colour": "spectral slope nearest the captioned colour (0 / -3 / -6 dB per octave)"}
 SILENCE = 1e-3  # peak below which a clip counts as silent
 
 
