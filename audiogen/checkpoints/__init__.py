@@ -83,20 +83,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, text_encoder: str | os.Path
     return loaded
 
 
-def describe_key_mismatch(missing: list[str], unexpected: list[str], wrong_shapes: list[str] = (),
-                          limit: int = 20) -> str:
+def describe_key_mismatch(missing: list[str], unexpected: list[str], wrong_shapes: list[str] = ()) -> str:
     """A readable diff of state-dict keys (and `wrong_shapes`, descriptions of mis-shaped ones) for error messages."""
     parts = []
     for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shapes)):
         if items:
-            more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{what} ({len(items)}): {', '.join(sorted(items)[:limit])}{more}")
+            more = f", ... ({len(items) - 20} more)" if len(items) > 20 else ""
+            parts.append(f"{what} ({len(items)}): {', '.join(sorted(items)[:20])}{more}")
     return "; ".join(parts)
 
 
-def state_mismatch(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str:
-    """What keeps `state` from holding exactly the keys of `shapes`, each a float tensor of that shape ('' if
-    nothing): the strict load the upstream model would do."""
+def check_state(state: dict[str, Any], shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Refuse a `state` that does not hold exactly the keys of `shapes`, each a float tensor of that shape (the
+    strict load the upstream model would do): a CheckpointError of `what` and the differences."""
 
     def fits(value: Any, shape: tuple[int, ...]) -> bool:
         return isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(shape)
@@ -106,4 +105,13 @@ def state_mismatch(state: dict[str, Any], shapes: dict[str, tuple[int, ...]]) ->
 
     wrong = [f"{k}: expected {list(shape)}, got {describe(state[k])}" for k, shape in shapes.items()
              if k in state and not fits(state[k], shape)]
-    return describe_key_mismatch([k for k in shapes if k not in state], [k for k in state if k not in shapes], wrong)
+    missing, unexpected = [k for k in shapes if k not in state], [k for k in state if k not in shapes]
+    problems = describe_key_mismatch(missing, unexpected, wrong)
+    if problems:
+        raise CheckpointError(f"{what}: {problems}")
+
+
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """`check_state` against `module`'s own keys and shapes, then load (load_state_dict casts to its dtypes)."""
+    check_state(state, {key: tuple(value.shape) for key, value in module.state_dict().items()}, what)
+    module.load_state_dict(state)

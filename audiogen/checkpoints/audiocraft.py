@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import LoadedCheckpoint, describe_key_mismatch, state_mismatch
+from audiogen.checkpoints import LoadedCheckpoint, check_state, describe_key_mismatch
 from audiogen.checkpoints.audiocraft_codec import COMPRESSION_FILE, load_audiocraft_codec
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state, unsupported
 from audiogen.codec import Codec
@@ -102,7 +102,8 @@ def read_audiocraft_lm(path: str | Path) -> AudiocraftLM:
     text_dim = _text_dim(state)
     config = config_from_xp_cfg(xp_cfg, text_dim=text_dim)
     layout = audiocraft_layout(config, text_dim)
-    validate_state(state, layout, file)
+    check_state(state, {key: shape for key, (shape, _) in layout.items()},
+                f"{file}: best_state does not match the LM its xp.cfg describes")
     converted = convert_state(state, layout)
     text_proj = {k[len("text_proj."):]: converted.pop(k) for k in list(converted) if k.startswith("text_proj.")}
     return AudiocraftLM(config=config, lm_state=converted, text_proj_state=text_proj, xp_cfg=xp_cfg, source=source)
@@ -286,14 +287,6 @@ def rename_legacy_keys(state: dict[str, Any]) -> None:
     torch MHA's, saved under `...attn.mha.*`; audiocraft loads either name, and so do we."""
     for key in [k for k in state if _LEGACY_MHA.search(k)]:
         state[_LEGACY_MHA.sub(r".\1.", key)] = state.pop(key)
-
-
-def validate_state(state: dict[str, Any], layout: dict[str, tuple[tuple[int, ...], tuple[Piece, ...]]],
-                   file: Path) -> None:
-    """Exactly the keys and shapes audiocraft's LMModel would load with strict=True."""
-    problems = state_mismatch(state, {key: shape for key, (shape, _) in layout.items()})
-    if problems:
-        raise CheckpointError(f"{file}: best_state does not match the LM its xp.cfg describes: {problems}")
 
 
 def convert_state(state: dict[str, torch.Tensor],

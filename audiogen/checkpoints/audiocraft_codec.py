@@ -41,7 +41,7 @@ import torch
 from transformers import EncodecConfig, EncodecModel
 
 from audiogen.checkpoints import audiocraft_files as files
-from audiogen.checkpoints import state_mismatch
+from audiogen.checkpoints import load_strict
 from audiogen.checkpoints.audiocraft_files import get_value, parse_xp_cfg, select_best_state
 from audiogen.codec import Codec, target_bandwidth
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
@@ -286,8 +286,5 @@ def map_audiocraft_key(key: str) -> str | None:
 def load_mapped_state(model: EncodecModel, state: dict[str, torch.Tensor], origin: str) -> None:
     """Load audiocraft weights into `model` strictly: every key mapped, none missing, every shape equal."""
     mapped = {map_audiocraft_key(key) or f"{key} (no mapping rule)": tensor for key, tensor in state.items()}
-    problems = state_mismatch(mapped, {key: tuple(value.shape) for key, value in model.state_dict().items()})
-    if problems:
-        raise CheckpointError(f"the codec weights in {origin} do not match the EnCodec that its xp.cfg describes "
-                              f"(keys after mapping audiocraft names to transformers names): {problems}")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()}, strict=True)
+    load_strict(model, mapped, f"the codec weights in {origin} do not match the EnCodec that its xp.cfg describes "
+                               f"(keys after mapping audiocraft names to transformers names)")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, EncodecModel, MusicgenConfig, T5EncoderModel
 
-from audiogen.checkpoints import LoadedCheckpoint, state_mismatch
+from audiogen.checkpoints import LoadedCheckpoint, load_strict
 from audiogen.codec import Codec
 from audiogen.config import AudioGenConfig
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
@@ -115,16 +115,7 @@ def _submodule(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    problems = state_mismatch(state, {key: tuple(value.shape) for key, value in module.state_dict().items()})
-    if problems:
-        raise CheckpointError(f"{what} weights do not match: {problems}")
-    module.load_state_dict(state)
-
-
 def load_transformers_musicgen(root: Path, *, text_encoder: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
-    if not (root / "config.json").exists():
-        raise MissingCheckpointFileError(f"{root / 'config.json'} is missing (transformers MusicGen layout)")
     hf = MusicgenConfig.from_pretrained(root, local_files_only=True)
     config = musicgen_config(hf, root)
     state = read_state_dict(root)
@@ -135,7 +126,7 @@ def load_transformers_musicgen(root: Path, *, text_encoder: str | os.PathLike[st
         t5 = T5EncoderModel(hf.text_encoder)
         t5_state = _submodule(state, "text_encoder.")
         t5_state.setdefault("encoder.embed_tokens.weight", t5_state.get("shared.weight"))
-        _load_strict(t5, t5_state, "text encoder")
+        load_strict(t5, t5_state, "text encoder weights do not match")
         try:
             tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
         except (OSError, ValueError):
@@ -143,7 +134,7 @@ def load_transformers_musicgen(root: Path, *, text_encoder: str | os.PathLike[st
         check_tokenizer(t5, tokenizer)
 
     encodec = EncodecModel(hf.audio_encoder)
-    _load_strict(encodec, _submodule(state, "audio_encoder."), "audio encoder (EnCodec)")
+    load_strict(encodec, _submodule(state, "audio_encoder."), "audio encoder (EnCodec) weights do not match")
     codec = Codec(encodec.eval(), n_q=config.n_q, stereo_interleaved=config.audio_channels == 2)
 
     proj = _submodule(state, "enc_to_dec_proj.") or None
