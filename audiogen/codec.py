@@ -62,6 +62,9 @@ class Codec(torch.nn.Module):
         self.stereo_interleaved = bool(stereo_interleaved)
         self.channels = 2 if self.stereo_interleaved else 1
         self.num_codebooks = self.n_q * self.channels  # codebook streams per frame, channels interleaved
+        # Zeros past the end reproduce the unpadded decode only for zero/causal padding and no time norm.
+        exact = (config.pad_mode == "constant" or config.use_causal_conv) and config.norm_type == "weight_norm"
+        self._bucket_frames = DECODE_BUCKET_FRAMES if exact else 1
         self.eval()  # a codec is used for inference unless a trainer explicitly calls .train()
 
     @property
@@ -121,7 +124,7 @@ class Codec(torch.nn.Module):
     def _decode_clip(self, codes: torch.Tensor) -> torch.Tensor:
         """[n_q, T] -> [T * hop], decoded in a bucket of frames (see the module docstring)."""
         frames = codes.shape[-1]
-        bucket = -(-frames // DECODE_BUCKET_FRAMES) * DECODE_BUCKET_FRAMES if self._padding_is_exact() else frames
+        bucket = -(-frames // self._bucket_frames) * self._bucket_frames
         padded = torch.nn.functional.pad(codes, (0, bucket - frames))[None]
         return self.synthesize(padded, frames)[0, 0, :frames * self.hop_length]
 
@@ -142,12 +145,6 @@ class Codec(torch.nn.Module):
             if frames is not None:
                 hidden[..., frames * (hidden.shape[-1] // codes.shape[-1]):] = 0
         return hidden
-
-    def _padding_is_exact(self) -> bool:
-        """Zeros past the end reproduce the unpadded decode only for zero/causal padding and no time norm."""
-        config = self.model.config
-        zero_padded = config.pad_mode == "constant" or config.use_causal_conv
-        return zero_padded and config.norm_type == "weight_norm"
 
     @contextlib.contextmanager
     def _mode(self) -> Iterator[None]:
