@@ -81,9 +81,7 @@ class Codec(torch.nn.Module):
 
         def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
             moved = fn(tensor)
-            if moved.dtype != tensor.dtype:
-                return tensor.to(device=moved.device)
-            return moved
+            return moved if moved.dtype == tensor.dtype else tensor.to(device=moved.device)
 
         return super()._apply(keep_dtype, recurse)
 

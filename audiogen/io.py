@@ -144,16 +144,15 @@ def _lookup_format(format: str, sample_rate: Any, subtype: str | None = None) ->
             limit=", ".join(map(str, fmt.sample_rates)) + " Hz",
             value=sample_rate,
         )
-    if subtype is None:
-        return fmt, sample_rate, fmt.default_subtype
-    if str(subtype).upper() not in fmt.subtypes:
+    chosen = fmt.default_subtype if subtype is None else str(subtype).upper()
+    if chosen not in fmt.subtypes:
         raise InvalidRequestError(
             "subtype",
             f"subtype {subtype!r} is not supported for {fmt.name}",
             limit=", ".join(fmt.subtypes),
             value=subtype,
         )
-    return fmt, sample_rate, str(subtype).upper()
+    return fmt, sample_rate, chosen
 
 
 def _decoder_reason(error: Exception) -> str:
@@ -314,8 +313,7 @@ def read_audio(
         raise InvalidRequestError("audio", "audio is empty", limit="at least one sample")
     audio = _as_audio(audio, finite=True)
     target_rate = sample_rate or source_rate
-    target_channels = channels or audio.shape[0]
-    return convert_audio(audio, source_rate, target_rate, target_channels), target_rate
+    return convert_audio(audio, source_rate, target_rate, channels or audio.shape[0]), target_rate
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,8 +337,7 @@ def encode_audio(audio: np.ndarray, sample_rate: int, format: str = "wav", subty
     try:
         sf.write(buffer, frames, sample_rate, format=fmt.sf_format, subtype=subtype)
     except sf.SoundFileError as error:  # e.g. more channels than the container allows
-        reason = _decoder_reason(error)
-        raise InvalidRequestError("audio", f"could not encode audio as {fmt.name}: {reason}") from error
+        raise InvalidRequestError("audio", f"could not encode audio as {fmt.name}: {_decoder_reason(error)}") from error
     return buffer.getvalue()
 
 

@@ -118,17 +118,16 @@ def load_audiocraft(root: Path, *, text_encoder: str | os.PathLike[str] | None =
             f"{compression} is missing: audiocraft checkpoints need state_dict.bin and compression_state_dict.bin "
             f"(or pass codec=<EnCodec directory>)")
     lm = read_audiocraft_lm(root)
-    config = lm.config
     # audiocraft keeps the stereo layout in the LM's xp.cfg (interleave_stereo_codebooks): MusicGen's compression
     # file is often only {'pretrained': 'facebook/encodec_32khz'}, which cannot say it.
-    stereo = config.audio_channels == 2
+    stereo = lm.config.audio_channels == 2
     if compression.exists():
         codec_model = load_audiocraft_codec(compression, codec_override=codec, stereo_interleaved=stereo)
     else:
         codec_model = Codec.from_pretrained(codec, stereo_interleaved=stereo)
     # Whether the codec's rates and codebooks are the LM's is checked by AudioGen, for every checkpoint layout.
-    t5, tokenizer = load_text_encoder(text_encoder or config.text_encoder)
-    return LoadedCheckpoint(config=config, lm_state=lm.lm_state, text_proj_state=lm.text_proj_state, t5=t5,
+    t5, tokenizer = load_text_encoder(text_encoder or lm.config.text_encoder)
+    return LoadedCheckpoint(config=lm.config, lm_state=lm.lm_state, text_proj_state=lm.text_proj_state, t5=t5,
                             tokenizer=tokenizer, codec=codec_model, source=lm.source)
 
 

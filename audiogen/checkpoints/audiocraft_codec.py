@@ -277,8 +277,7 @@ def encodec_config_from_xp_cfg(xp_cfg: dict[str, Any]) -> tuple[EncodecConfig, i
 def map_audiocraft_key(key: str) -> str | None:
     """The EncodecModel key for an audiocraft key (see the module docstring), or None if no rule matches."""
     for pattern, target in KEY_RULES:
-        match = pattern.fullmatch(key)
-        if match:
+        if match := pattern.fullmatch(key):
             return match.expand(target)
     return None
 

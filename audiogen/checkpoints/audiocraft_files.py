@@ -141,8 +141,7 @@ def _resolve(xp_cfg: dict[str, Any], value: Any, key: str, chain: tuple[str, ...
         raise CheckpointError(f"xp.cfg {key} is unset ({MANDATORY_MISSING!r}, a value the run never received)")
     if not isinstance(value, str) or "${" not in value:
         return value
-    whole = _REFERENCE.fullmatch(value)
-    if whole:
+    if whole := _REFERENCE.fullmatch(value):
         return _follow(xp_cfg, whole.group(1), key, chain)
     return _REFERENCE.sub(lambda m: str(_follow(xp_cfg, m.group(1), key, chain)), value)
 

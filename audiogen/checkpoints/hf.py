@@ -50,10 +50,7 @@ def read_state_dict(root: Path) -> dict[str, torch.Tensor]:
         return load_file(single)
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(root / shard))
-        return state
+        return {key: value for shard in shards for key, value in load_file(root / shard).items()}
     if legacy.exists():
         return torch.load(legacy, map_location="cpu", weights_only=True)
     raise MissingCheckpointFileError(

@@ -66,10 +66,9 @@ def save_native(directory: str | os.PathLike[str], *, config: AudioGenConfig, lm
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tensors = {f"lm.{k}": v.detach().to("cpu", weights_dtype).contiguous() for k, v in lm_state.items()}
-        if text_proj_state is not None:
-            tensors.update({f"text_proj.{k}": v.detach().to("cpu", weights_dtype).contiguous()
-                            for k, v in text_proj_state.items()})
+        parts = {"lm": lm_state, "text_proj": text_proj_state or {}}
+        tensors = {f"{prefix}.{k}": v.detach().to("cpu", weights_dtype).contiguous()
+                   for prefix, part in parts.items() for k, v in part.items()}
         save_file(tensors, staging / "model.safetensors", metadata={"format": "audiogen"})
         t5.save_pretrained(staging / "text_encoder")
         tokenizer.save_pretrained(staging / "text_encoder")
