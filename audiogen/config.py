@@ -169,8 +169,7 @@ class AudioGenConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AudioGenConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise InvalidConfigError(unknown[0], f"unknown config field(s) {unknown}")
         return cls(**values)  # `__post_init__` turns a JSON list of delays into a tuple

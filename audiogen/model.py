@@ -389,8 +389,6 @@ def _per_prompt(field: str, value: Any, count: int, kind: type) -> list[Any]:
 
 
 def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int | None]:
-    if seed is None:
-        return [None] * count
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return [int(seed) + i for i in range(count)]
     return _per_prompt("seed", seed, count, int)

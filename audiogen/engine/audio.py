@@ -123,4 +123,5 @@ class AudioDecoder:
         stop = start + (job.emit_frames or 0) * self._hop
         samples = np.ascontiguousarray(audio[:, start:stop], dtype=np.float32)
         self._streamed.setdefault(id(job.handle), []).append(samples)
-        job.handle.send_chunk(samples)
+        if job.handle.on_chunk is not None:
+            job.handle.on_chunk(samples)

@@ -33,7 +33,6 @@ class GenerationRequest:
     inpaint_codes: torch.Tensor | None = None
     inpaint_mask: torch.Tensor | None = None
     request_id: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ class ResolvedRequest:
     sampling: SamplingParams  # resolved: every field set
     known_codes: torch.Tensor | None  # [K, total_frames] codes forced where `known_frames`
     known_frames: torch.Tensor | None  # [total_frames] bool
-    metadata: dict[str, Any]
 
 
 def _codes(name: str, value: Any, config: AudioGenConfig) -> torch.Tensor:
@@ -62,8 +60,6 @@ def _codes(name: str, value: Any, config: AudioGenConfig) -> torch.Tensor:
 
 def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> ResolvedRequest:
     """Validate every field and fill defaults from the config; raises `InvalidRequestError`."""
-    max_duration = config.max_duration
-    frame_rate = config.frame_rate
     prompt = check_text("prompt", request.prompt) or ""
     if not isinstance(request.sampling, SamplingParams):
         raise InvalidRequestError("sampling", f"must be SamplingParams, got {type(request.sampling).__name__}")
@@ -81,18 +77,18 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
             raise InvalidRequestError("mask", f"must be a boolean vector of {frames} frames, got {shape}",
                                       limit=f"one entry per frame ({frames})")
         if not 0 < frames <= config.max_frames:
-            raise InvalidRequestError("audio", f"is {frames / frame_rate:.2f} s long",
-                                      limit=f"0 < duration <= {max_duration} s")
+            raise InvalidRequestError("audio", f"is {frames / config.frame_rate:.2f} s long",
+                                      limit=f"0 < duration <= {config.max_duration} s")
         known_frames = ~mask.to(torch.bool).cpu()
         total = frames
     else:
         duration = config.default_duration if request.duration is None else check_number(
-            "duration", request.duration, low=0.0, high=max_duration, low_open=True,
-            limit=f"0 < duration <= {max_duration} s")
-        total = int(duration * frame_rate)
+            "duration", request.duration, low=0.0, high=config.max_duration, low_open=True,
+            limit=f"0 < duration <= {config.max_duration} s")
+        total = int(duration * config.frame_rate)
         if total < 1:
             raise InvalidRequestError("duration", f"{duration} s is shorter than one frame",
-                                      limit=f"at least {1 / frame_rate} s")
+                                      limit=f"at least {1 / config.frame_rate} s")
         if request.prefix_codes is not None:
             prefix = _codes("prefix_codes", request.prefix_codes, config)
             if prefix.shape[1] >= total:
@@ -102,4 +98,4 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
             known_frames = torch.arange(total) < prefix.shape[1]
     return ResolvedRequest(
         request_id=request.request_id or uuid.uuid4().hex, prompt=prompt, total_frames=total, sampling=sampling,
-        known_codes=known_codes, known_frames=known_frames, metadata=dict(request.metadata))
+        known_codes=known_codes, known_frames=known_frames)
