@@ -175,7 +175,5 @@ class AudioGenConfig:
         return cls(**values)  # `__post_init__` turns a JSON list of delays into a tuple
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["delays"] = list(self.delays)
-        return data
+        return {**dataclasses.asdict(self), "delays": list(self.delays)}
 

@@ -129,7 +129,14 @@ class Engine:
         try:
             for request in requests:
                 handles.append(self._enqueue(request, None))
-            self._drive(handles)
+            with self._cpu_threads():
+                while self._thread is None and not all(handle.done() for handle in handles):
+                    with self._step_lock:  # else the loop thread steps; the caller only waits
+                        if self._closing or not self._has_work():
+                            break
+                        self._iterate_guarded()
+            # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
+            futures.wait([handle.future for handle in handles])
             return [handle.result() for handle in handles]
         except BaseException:
             for handle in handles:
@@ -226,17 +233,6 @@ class Engine:
         return error
 
     # ------------------------------------------------------------------ driving the steps
-    def _drive(self, handles: list[RequestHandle]) -> None:
-        """Step in the calling thread until `handles` are done (or wait for the loop thread doing it)."""
-        with self._cpu_threads():
-            while self._thread is None and not all(handle.done() for handle in handles):
-                with self._step_lock:  # else the loop thread steps; the caller only waits
-                    if self._closing or not self._has_work():
-                        break
-                    self._iterate_guarded()
-        # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
-        futures.wait([handle.future for handle in handles])
-
     @contextlib.contextmanager
     def _cpu_threads(self) -> Iterator[None]:
         """The engine's CPU thread count for the stepping thread (per-thread in OpenMP), restored afterwards: a

@@ -70,17 +70,16 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
         raise InvalidRequestError("prefix_codes", "cannot be combined with inpaint_codes")
     if request.inpaint_codes is not None:
         known_codes = _codes("inpaint_codes", request.inpaint_codes, config)
-        frames = known_codes.shape[1]
+        total = known_codes.shape[1]
         mask = request.inpaint_mask
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.shape[0] != frames:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.shape[0] != total:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise InvalidRequestError("mask", f"must be a boolean vector of {frames} frames, got {shape}",
-                                      limit=f"one entry per frame ({frames})")
-        if not 0 < frames <= config.max_frames:
-            raise InvalidRequestError("audio", f"is {frames / config.frame_rate:.2f} s long",
+            raise InvalidRequestError("mask", f"must be a boolean vector of {total} frames, got {shape}",
+                                      limit=f"one entry per frame ({total})")
+        if not 0 < total <= config.max_frames:
+            raise InvalidRequestError("audio", f"is {total / config.frame_rate:.2f} s long",
                                       limit=f"0 < duration <= {config.max_duration} s")
         known_frames = ~mask.to(torch.bool).cpu()
-        total = frames
     else:
         duration = config.default_duration if request.duration is None else check_number(
             "duration", request.duration, low=0.0, high=config.max_duration, low_open=True,
