@@ -21,7 +21,6 @@ from audiogen.errors import CheckpointError, InvalidRequestError, MissingCheckpo
 from audiogen.sampling_params import SamplingParams
 
 Command = Callable[[argparse.Namespace], int]
-PLUGIN_GROUP = "audiogen.commands"
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Command]] = {}
 
 
@@ -70,8 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from audiogen.io import peak_normalize, write_audio
 
     request = GenerationRequest(prompt=args.prompt, duration=args.duration, sampling=from_args(SamplingParams, args))
-    model = load_model(args)
-    with model:
+    with load_model(args) as model:
         result = model.run([request])[0]
     audio = peak_normalize(result.audio) if args.normalize else result.audio
     size = write_audio(args.output, audio, model.sample_rate)
@@ -112,15 +110,11 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_plugin_commands() -> None:
-    """Import the modules that entry points of group `audiogen.commands` name (the Ray commands of `pipelines`
-    register themselves this way), so this library never imports `pipelines` itself."""
-    for entry_point in entry_points(group=PLUGIN_GROUP):
-        entry_point.load()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    load_plugin_commands()
+    # Import the modules that entry points of group `audiogen.commands` name (the Ray commands of `pipelines`
+    # register themselves this way), so this library never imports `pipelines` itself.
+    for entry_point in entry_points(group="audiogen.commands"):
+        entry_point.load()
     parser = argparse.ArgumentParser(prog="audiogen", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -77,9 +77,7 @@ def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
             continue
         value = getattr(args, field.name)
         kind = typing.get_origin(_strip_optional(hints[field.name]))
-        if kind is dict:
-            value = dict(value) if value is not None else _default(field)
-        elif kind in (list, tuple):
+        if kind in (dict, list, tuple):
             value = kind(value) if value is not None else _default(field)
         values[field.name] = value
     return cls(**values)

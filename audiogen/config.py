@@ -169,14 +169,11 @@ class AudioGenConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AudioGenConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise InvalidConfigError(unknown[0], f"unknown config field(s) {unknown}")
         return cls(**values)  # `__post_init__` turns a JSON list of delays into a tuple
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["delays"] = list(self.delays)
-        return data
+        return {**dataclasses.asdict(self), "delays": list(self.delays)}
 

@@ -143,8 +143,7 @@ class CrossAttention(nn.Module):
 
     def project(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text [B, L, dim] -> keys, values [B, H, L, hd]."""
-        k, v = split_heads(self.kv_proj(text), text.shape[:2], 2, self.num_heads)
-        return k, v
+        return split_heads(self.kv_proj(text), text.shape[:2], 2, self.num_heads)
 
     def forward(self, x: torch.Tensor, shape: Sequence[int], text_kv: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor, gate: torch.Tensor, attend: Attend) -> torch.Tensor:

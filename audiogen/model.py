@@ -118,7 +118,7 @@ class AudioGen:
         always stay float32, as audiocraft runs them. A running engine is closed (its cache is on the old device)."""
         device = torch.device(device) if device is not None else self.device
         if lm_dtype is None:
-            lm_dtype = next(self.lm.parameters()).dtype if device == self.device else (
+            lm_dtype = self.dtype if device == self.device else (
                 torch.float32 if device.type == "cpu" else torch.bfloat16)
         if device.type == "cpu" and lm_dtype == torch.float16:
             raise InvalidRequestError("dtype", "float16 is not supported on the CPU", limit="float32 or bfloat16")
@@ -389,8 +389,6 @@ def _per_prompt(field: str, value: Any, count: int, kind: type) -> list[Any]:
 
 
 def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int | None]:
-    if seed is None:
-        return [None] * count
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return [int(seed) + i for i in range(count)]
     return _per_prompt("seed", seed, count, int)

@@ -19,9 +19,7 @@ def option(default: Any = MISSING, *, help: str, choices: Iterable[Any] | None =
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, default_factory=factory or MISSING, metadata=metadata)
 
 
 def check_choices(instance: Any, prefix: str = "") -> None:

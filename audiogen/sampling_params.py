@@ -71,13 +71,9 @@ class SamplingParams:
         if self.top_k is not None and self.top_k > config.card:
             raise InvalidRequestError("top_k", f"{self.top_k} is out of range", limit=f"0..{config.card}",
                                       value=self.top_k)
-        return SamplingParams(
-            negative_prompt=self.negative_prompt or "",
-            seed=secrets.randbits(63) if self.seed is None else self.seed,
-            temperature=config.temperature if self.temperature is None else self.temperature,
-            top_k=config.top_k if self.top_k is None else self.top_k,
-            top_p=config.top_p if self.top_p is None else self.top_p,
-            guidance_scale=config.guidance_scale if self.guidance_scale is None else self.guidance_scale)
+        return self.with_defaults(SamplingParams(
+            negative_prompt="", seed=secrets.randbits(63), temperature=config.temperature, top_k=config.top_k,
+            top_p=config.top_p, guidance_scale=config.guidance_scale))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -77,15 +77,25 @@ class AudioDecoder:
             self._process(job, backlog)
 
     def _process(self, job: _Job, backlog: list[_Job]) -> None:
+        batch = [job]
         try:
             if job.final is None:
                 self._stream(job)
             elif id(job.handle) in self._streamed:
                 job.final(np.concatenate(self._streamed.pop(id(job.handle)), axis=-1))
             else:
-                self._decode_finals(self._gather_finals(job, backlog))
-        except Exception as error:  # a decode failure fails its request, never the worker
-            job.handle.fail(error)
+                batch = self._gather_finals(job, backlog)
+                live = [final for final in batch if not final.handle.cancelled]
+                for final in batch:
+                    if final.handle.cancelled:
+                        final.handle.fail_cancelled()
+                if live:
+                    audio = self._decode(torch.stack([final.codes for final in live])).cpu().numpy()
+                    for final, clip in zip(live, audio):
+                        final.final(np.ascontiguousarray(clip, dtype=np.float32))
+        except Exception as error:  # a decode failure fails its requests (a result already set stays), never the worker
+            for failed in batch:
+                failed.handle.fail(error)
 
     def _gather_finals(self, first: _Job, backlog: list[_Job]) -> list[_Job]:
         """Batch the final jobs queued right behind `first` whose clips have the same length (decoding padded
@@ -104,17 +114,6 @@ class AudioDecoder:
             batch.append(job)
         return batch
 
-    def _decode_finals(self, batch: list[_Job]) -> None:
-        live = [job for job in batch if not job.handle.cancelled]
-        for job in batch:
-            if job.handle.cancelled:
-                job.handle.fail_cancelled()
-        if not live:
-            return
-        audio = self._decode(torch.stack([job.codes for job in live])).cpu().numpy()
-        for job, clip in zip(live, audio):
-            job.final(np.ascontiguousarray(clip, dtype=np.float32))
-
     def _stream(self, job: _Job) -> None:
         if job.handle.cancelled:
             return
@@ -123,4 +122,5 @@ class AudioDecoder:
         stop = start + (job.emit_frames or 0) * self._hop
         samples = np.ascontiguousarray(audio[:, start:stop], dtype=np.float32)
         self._streamed.setdefault(id(job.handle), []).append(samples)
-        job.handle.send_chunk(samples)
+        if job.handle.on_chunk is not None:
+            job.handle.on_chunk(samples)

@@ -115,7 +115,10 @@ class Engine:
         """Validate and enqueue a request for the background loop (started on first use); returns at once.
         `on_chunk(audio | None)` receives streamed chunks from the audio thread (None ends the stream)."""
         handle = self._enqueue(request, on_chunk)
-        self._ensure_loop()
+        with self._wake:
+            if self._thread is None and not self._closing:
+                self._thread = threading.Thread(target=self._loop, name="audiogen-engine", daemon=True)
+                self._thread.start()
         return handle
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -126,7 +129,14 @@ class Engine:
         try:
             for request in requests:
                 handles.append(self._enqueue(request, None))
-            self._drive(handles)
+            with self._cpu_threads():
+                while self._thread is None and not all(handle.done() for handle in handles):
+                    with self._step_lock:  # else the loop thread steps; the caller only waits
+                        if self._closing or not self._has_work():
+                            break
+                        self._iterate_guarded()
+            # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
+            futures.wait([handle.future for handle in handles])
             return [handle.result() for handle in handles]
         except BaseException:
             for handle in handles:
@@ -168,11 +178,10 @@ class Engine:
     def snapshot(self) -> EngineSnapshot:
         """Load and liveness at this instant (health checks, metrics, autoscaling signals)."""
         with self._wake:
-            failure = self._failure
             return EngineSnapshot(
                 alive=not self._closing, busy_slots=self.batch.active, max_slots=self.batch.max_slots,
                 queue_depth=len(self._queue), max_queued=self.max_queued,
-                error=None if failure is None else f"{type(failure).__name__}: {failure}",
+                error=None if self._failure is None else f"{type(self._failure).__name__}: {self._failure}",
                 mean_occupancy=self.stats.mean_occupancy, steps=self.stats.steps,
                 audio_seconds=self.stats.audio_seconds)
 
@@ -224,23 +233,6 @@ class Engine:
         return error
 
     # ------------------------------------------------------------------ driving the steps
-    def _ensure_loop(self) -> None:
-        with self._wake:
-            if self._thread is None and not self._closing:
-                self._thread = threading.Thread(target=self._loop, name="audiogen-engine", daemon=True)
-                self._thread.start()
-
-    def _drive(self, handles: list[RequestHandle]) -> None:
-        """Step in the calling thread until `handles` are done (or wait for the loop thread doing it)."""
-        with self._cpu_threads():
-            while self._thread is None and not all(handle.done() for handle in handles):
-                with self._step_lock:  # else the loop thread steps; the caller only waits
-                    if self._closing or not self._has_work():
-                        break
-                    self._iterate_guarded()
-        # what is left finishes elsewhere: a threaded (GPU) audio decoder, or `shutdown` failing it
-        futures.wait([handle.future for handle in handles])
-
     @contextlib.contextmanager
     def _cpu_threads(self) -> Iterator[None]:
         """The engine's CPU thread count for the stepping thread (per-thread in OpenMP), restored afterwards: a
@@ -257,8 +249,7 @@ class Engine:
         with self._cpu_threads():
             while True:
                 with self._wake:
-                    while not self._has_work() and not self._closing:
-                        self._wake.wait()
+                    self._wake.wait_for(lambda: self._has_work() or self._closing)
                     if self._closing:
                         break
                 with self._step_lock:
@@ -312,11 +303,9 @@ class Engine:
         return chosen
 
     def _admit(self, handles: list[RequestHandle]) -> None:
-        texts: list[str] = []
-        for handle in handles:
-            texts += [handle.request.prompt, handle.request.sampling.negative_prompt]
         try:
-            text, mask = self.model.text(texts)
+            text, mask = self.model.text([part for handle in handles
+                                          for part in (handle.request.prompt, handle.request.sampling.negative_prompt)])
         except Exception as error:  # e.g. a tokenizer failure: fail these requests, keep the engine
             for handle in handles:
                 handle.fail(error)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -22,7 +21,6 @@ class Timings:
 
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
-    first_chunk: float | None = None
     finished: float | None = None
 
 
@@ -58,14 +56,10 @@ class RequestHandle:
         self.timings = Timings()
         self.on_chunk = on_chunk
         self.streamed_frames = 0
-        self._cancelled = threading.Event()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        self.cancelled = False  # set by any thread, read by the stepping and audio threads
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self.cancelled = True
 
     def done(self) -> bool:
         return self.future.done()
@@ -82,12 +76,6 @@ class RequestHandle:
 
     def fail_cancelled(self) -> None:
         self.fail(RequestCancelledError(f"request {self.request.request_id} was cancelled"))
-
-    def send_chunk(self, audio: np.ndarray) -> None:
-        if self.timings.first_chunk is None:
-            self.timings.first_chunk = time.perf_counter()
-        if self.on_chunk is not None:
-            self.on_chunk(audio)
 
     def _settle(self, settle: Callable[[Any], None], outcome: Any) -> None:
         """Resolve the future once (a late failure after the result is ignored) and end the stream."""

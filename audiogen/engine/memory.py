@@ -6,6 +6,7 @@ than an out-of-memory error (or swapping) in the middle of a job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,13 +22,10 @@ def available_memory(device: torch.device) -> int:
     """Free bytes on the device: CUDA's free memory, or the host's MemAvailable for the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -33,7 +33,6 @@ class GenerationRequest:
     inpaint_codes: torch.Tensor | None = None
     inpaint_mask: torch.Tensor | None = None
     request_id: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ class ResolvedRequest:
     sampling: SamplingParams  # resolved: every field set
     known_codes: torch.Tensor | None  # [K, total_frames] codes forced where `known_frames`
     known_frames: torch.Tensor | None  # [total_frames] bool
-    metadata: dict[str, Any]
 
 
 def _codes(name: str, value: Any, config: AudioGenConfig) -> torch.Tensor:
@@ -62,8 +60,6 @@ def _codes(name: str, value: Any, config: AudioGenConfig) -> torch.Tensor:
 
 def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> ResolvedRequest:
     """Validate every field and fill defaults from the config; raises `InvalidRequestError`."""
-    max_duration = config.max_duration
-    frame_rate = config.frame_rate
     prompt = check_text("prompt", request.prompt) or ""
     if not isinstance(request.sampling, SamplingParams):
         raise InvalidRequestError("sampling", f"must be SamplingParams, got {type(request.sampling).__name__}")
@@ -74,25 +70,24 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
         raise InvalidRequestError("prefix_codes", "cannot be combined with inpaint_codes")
     if request.inpaint_codes is not None:
         known_codes = _codes("inpaint_codes", request.inpaint_codes, config)
-        frames = known_codes.shape[1]
+        total = known_codes.shape[1]
         mask = request.inpaint_mask
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.shape[0] != frames:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.shape[0] != total:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise InvalidRequestError("mask", f"must be a boolean vector of {frames} frames, got {shape}",
-                                      limit=f"one entry per frame ({frames})")
-        if not 0 < frames <= config.max_frames:
-            raise InvalidRequestError("audio", f"is {frames / frame_rate:.2f} s long",
-                                      limit=f"0 < duration <= {max_duration} s")
+            raise InvalidRequestError("mask", f"must be a boolean vector of {total} frames, got {shape}",
+                                      limit=f"one entry per frame ({total})")
+        if not 0 < total <= config.max_frames:
+            raise InvalidRequestError("audio", f"is {total / config.frame_rate:.2f} s long",
+                                      limit=f"0 < duration <= {config.max_duration} s")
         known_frames = ~mask.to(torch.bool).cpu()
-        total = frames
     else:
         duration = config.default_duration if request.duration is None else check_number(
-            "duration", request.duration, low=0.0, high=max_duration, low_open=True,
-            limit=f"0 < duration <= {max_duration} s")
-        total = int(duration * frame_rate)
+            "duration", request.duration, low=0.0, high=config.max_duration, low_open=True,
+            limit=f"0 < duration <= {config.max_duration} s")
+        total = int(duration * config.frame_rate)
         if total < 1:
             raise InvalidRequestError("duration", f"{duration} s is shorter than one frame",
-                                      limit=f"at least {1 / frame_rate} s")
+                                      limit=f"at least {1 / config.frame_rate} s")
         if request.prefix_codes is not None:
             prefix = _codes("prefix_codes", request.prefix_codes, config)
             if prefix.shape[1] >= total:
@@ -102,4 +97,4 @@ def resolve_request(request: GenerationRequest, config: AudioGenConfig) -> Resol
             known_frames = torch.arange(total) < prefix.shape[1]
     return ResolvedRequest(
         request_id=request.request_id or uuid.uuid4().hex, prompt=prompt, total_frames=total, sampling=sampling,
-        known_codes=known_codes, known_frames=known_frames, metadata=dict(request.metadata))
+        known_codes=known_codes, known_frames=known_frames)

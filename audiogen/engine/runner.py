@@ -116,9 +116,6 @@ class SlotBatch:
         in_window = min(max(int(state.pos[slot]) - self.max_delay, 0), int(state.window_len[slot]))
         return max(int(state.settled[slot]), int(state.window_start[slot]) + in_window)
 
-    def total_frames(self, slot: int) -> int:
-        return int(self.state.total[slot])
-
     # ------------------------------------------------------------------ admission
     def admit(self, owners: list[Any], requests: list["ResolvedRequest"], text: torch.Tensor,
               text_mask: torch.Tensor) -> None:
@@ -151,29 +148,21 @@ class SlotBatch:
         state.temperature[slot] = sampling.temperature
         state.top_p[slot] = sampling.top_p
         state.guidance[slot] = sampling.guidance_scale
-        self._start_window(slot, self._first_window_start(slot))
-
-    def _first_window_start(self, slot: int) -> int:
-        """0, unless the known prefix is longer than a window: then start so that the window re-reads the
-        last `window - stride` prefix frames, like every later window."""
-        prefix = self._known_run(slot, 0, self.total_frames(slot))
-        if prefix < self.window or self.total_frames(slot) <= self.window:
-            return 0
-        return min(prefix - (self.window - self.stride), self.total_frames(slot) - self.window)
+        # the first window starts at 0, unless the known prefix is longer than a window: then it starts so that
+        # it re-reads the last `window - stride` prefix frames, like every later window
+        prefix = self._known_run(slot, 0, frames)
+        late = prefix >= self.window and frames > self.window
+        self._start_window(slot, min(prefix - (self.window - self.stride), frames - self.window) if late else 0)
 
     def _known_run(self, slot: int, start: int, stop: int) -> int:
         """Length of the run of forced frames starting at `start` (bounded by `stop`)."""
-        settled = int(self.state.settled[slot])
-        run = max(0, min(settled, stop) - start)
-        if start + run < stop:
-            known = self.known[slot, start + run:stop].cpu()
-            unknown = (~known).nonzero()
-            run += int(unknown[0, 0]) if len(unknown) else stop - start - run
+        run = max(0, min(int(self.state.settled[slot]), stop) - start)
+        if start + run < stop:  # plus the leading run of known frames after the settled ones
+            run += int(self.known[slot, start + run:stop].cpu().cumprod(0).sum())
         return run
 
     def _start_window(self, slot: int, start: int) -> None:
-        total = self.total_frames(slot)
-        length = min(self.window, total - start)
+        length = min(self.window, int(self.state.total[slot]) - start)
         prefix = min(self._known_run(slot, start, start + length), length)
         self.state.window_start[slot] = start
         self.state.window_len[slot] = length
@@ -238,15 +227,14 @@ class SlotBatch:
     def clip_codes(self, slot: int, frames: int | None = None, start: int = 0) -> torch.Tensor:
         """Codes [K, frames] of a slot's clip, copied to the CPU (a copy even on the CPU: the slot's buffer is
         reused by the next request while the audio thread still decodes these)."""
-        stop = self.total_frames(slot) if frames is None else frames
+        stop = int(self.state.total[slot]) if frames is None else frames
         return self.codes[slot, :, start:stop].to("cpu", copy=True)
 
     def release(self, slot: int) -> None:
         """Free a slot; the last active slot moves into it."""
         last = self.active - 1
         if slot != last:
-            steps = self.config.max_steps
-            self.cache.move(slice(2 * last, 2 * last + 2), slice(2 * slot, 2 * slot + 2), steps)
+            self.cache.move(slice(2 * last, 2 * last + 2), slice(2 * slot, 2 * slot + 2), self.config.max_steps)
             self.codes[slot] = self.codes[last]
             self.known[slot] = self.known[last]
             self.state.copy_slot(last, slot)
