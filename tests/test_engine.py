@@ -252,3 +252,25 @@ def test_snapshot_reports_busy_slots_and_queue(tiny):
         assert busy.busy_slots == 1 and busy.queue_depth == 2 and busy.in_flight == 3
         for handle in handles:
             engine.cancel(handle)
+
+
+def test_a_failed_batched_decode_fails_every_request_of_the_batch():
+    """Finished clips of equal length are decoded together: when that decode raises, each of them must fail
+    (a request left unresolved would hang `Engine.run` and every awaiting caller)."""
+    from audiogen.config import AudioGenConfig
+    from audiogen.engine.audio import AudioDecoder
+    from audiogen.engine.handle import RequestHandle
+    from audiogen.engine.request import resolve_request
+
+    def broken(codes):
+        raise RuntimeError(f"decoder failed on {codes.shape[0]} clips")
+
+    config = AudioGenConfig.preset("tiny")
+    decoder = AudioDecoder(broken, config.hop_length, threaded=False)
+    handles = [RequestHandle(resolve_request(GenerationRequest(prompt="x", duration=0.2), config)) for _ in range(3)]
+    for handle in handles:
+        decoder.complete(handle, torch.zeros(config.num_codebooks, 10, dtype=torch.long), lambda audio: None)
+    decoder.drain()
+    for handle in handles:
+        with pytest.raises(RuntimeError, match="decoder failed on 3 clips"):
+            handle.result(timeout=0)

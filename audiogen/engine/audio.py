@@ -93,7 +93,8 @@ class AudioDecoder:
                     audio = self._decode(torch.stack([final.codes for final in live])).cpu().numpy()
                     for final, clip in zip(live, audio):
                         final.final(np.ascontiguousarray(clip, dtype=np.float32))
-        except Exception as error:  # a decode failure fails its requests (a result already set stays), never the worker
+        except Exception as error:
+            # a decode failure fails every request of its batch (a result already set stays), never the worker
             for failed in batch:
                 failed.handle.fail(error)
 
