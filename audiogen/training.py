@@ -404,13 +404,11 @@ def read_checkpoint_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Building models to train and exporting them
 # ---------------------------------------------------------------------------------------------------------------
-CODEC_FIELDS = ("n_q", "card", "audio_channels", "sample_rate", "frame_rate", "delays")
-
-
 def scratch_config(preset: str, base: AudioGenConfig, text_dim: int, **overrides: Any) -> AudioGenConfig:
     """A `preset` LM size whose codec-facing fields (rates, codebooks, card, delays) and text encoder come from
     the base model that supplies the T5 and the codec; `overrides` change anything else."""
-    values = {name: getattr(base, name) for name in CODEC_FIELDS}
+    values = {name: getattr(base, name) for name in ("n_q", "card", "audio_channels", "sample_rate", "frame_rate",
+                                                     "delays")}
     values.update(text_encoder=base.text_encoder, text_dim=text_dim, max_text_tokens=base.max_text_tokens,
                   name=f"audiogen-{preset}")
     values.update(overrides)

@@ -110,12 +110,11 @@ def pitch_track(audio: Any, sample_rate: int, *, fmin: float = 60.0, fmax: float
                 max_aperiodicity: float = 0.35, silence_db: float = -45.0) -> PitchTrack:
     """YIN pitch per frame; frames quieter than `silence_db` below the loudest, or whose best dip is above
     `max_aperiodicity`, are unvoiced (nan)."""
-    x = as_mono(audio)
     tau_min = max(2, int(sample_rate / fmax))
     tau_max = int(math.ceil(sample_rate / fmin))
     width = int(round(window * sample_rate))
     step = max(1, int(round(hop * sample_rate)))
-    frames = _frames(x, width + tau_max + 1, step)
+    frames = _frames(as_mono(audio), width + tau_max + 1, step)
     count = frames.shape[0]
     # d(tau) = sum_{j<W} (x_j - x_{j+tau})^2 = E0 + E_tau - 2 r(tau), r via FFT.
     head = frames[:, :width]
@@ -261,11 +260,8 @@ def beat_tempo(audio: Any, sample_rate: int, *, bpm_range: tuple[float, float] =
     lag = min(p for p in peaks if ac[p] >= octave_ratio * strongest)  # the fundamental period, not a multiple
     position, value = _parabolic(ac, lag)
     period = position / frame_rate
-    candidates = {}
-    for factor in (0.5, 1.0, 2.0):
-        index = int(round(position / factor))
-        if 1 <= index < len(ac) - 1:
-            candidates[round(60 / period * factor, 2)] = float(ac[index - 1:index + 2].max())
+    candidates = {round(60 / period * factor, 2): float(ac[index - 1:index + 2].max()) for factor in (0.5, 1.0, 2.0)
+                  if 1 <= (index := int(round(position / factor))) < len(ac) - 1}
     period, used = _refine_period(ac, position, frame_rate)
     return TempoEstimate(60.0 / period, float(max(0.0, min(1.0, value))), used, candidates)
 
