@@ -338,10 +338,22 @@ def train_codec(data: Any, steps: int | None = None, *, codec: Codec | None = No
     rvq = RVQTrainer(codec, decay=config.ema_decay, kmeans_iters=config.kmeans_iters,
                      dead_code_fraction=config.dead_code_fraction, generator=generator)
     spectral = MultiScaleSpectralLoss(codec.sample_rate)
+
+    def losses(audio: torch.Tensor, _index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        quantized, _, commitment = rvq(model.encoder(audio))
+        output = model.decoder(quantized)[..., : audio.shape[-1]]
+        l1 = F.l1_loss(output, audio)
+        spec = spectral(output, audio)
+        snr = batch_si_snr(output, audio)
+        loss = (config.l1_weight * l1 + config.spectral_weight * spec + config.commitment_weight * commitment
+                - config.si_snr_weight * snr / 10.0)
+        terms = {"l1": l1, "spectral": spec, "si_snr": snr, "commitment": commitment}
+        return loss, {**{name: float(value.detach()) for name, value in terms.items()},
+                      "segments": float(audio.shape[0])}
+
     stepper = Stepper(model, torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas),
-                      Schedule(config.schedule, config.warmup_steps, config.steps, config.min_lr_ratio),
-                      lambda audio, _: _losses(codec, rvq, spectral, audio, config), grad_clip=config.grad_clip,
-                      totals=("segments",))
+                      Schedule(config.schedule, config.warmup_steps, config.steps, config.min_lr_ratio), losses,
+                      grad_clip=config.grad_clip, totals=("segments",))
     report = CodecTrainingReport(config=dataclasses.asdict(config),
                                  codec={**{k: getattr(codec, k) for k in ("sample_rate", "n_q", "card", "hop_length")},
                                         "parameters": sum(p.numel() for p in model.parameters())})
@@ -359,20 +371,6 @@ def train_codec(data: Any, steps: int | None = None, *, codec: Codec | None = No
         codec.eval()
     report.seconds = time.perf_counter() - started
     return codec, report
-
-
-def _losses(codec: Codec, rvq: RVQTrainer, spectral: MultiScaleSpectralLoss, audio: torch.Tensor,
-            config: CodecTrainingConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    embeddings = codec.model.encoder(audio)
-    quantized, _, commitment = rvq(embeddings)
-    output = codec.model.decoder(quantized)[..., : audio.shape[-1]]
-    l1 = F.l1_loss(output, audio)
-    spec = spectral(output, audio)
-    snr = batch_si_snr(output, audio)
-    loss = (config.l1_weight * l1 + config.spectral_weight * spec + config.commitment_weight * commitment
-            - config.si_snr_weight * snr / 10.0)
-    terms = {"l1": l1, "spectral": spec, "si_snr": snr, "commitment": commitment}
-    return loss, {**{name: float(value.detach()) for name, value in terms.items()}, "segments": float(audio.shape[0])}
 
 
 def batch_si_snr(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

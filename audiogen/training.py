@@ -250,10 +250,6 @@ class CaptionEncoder:
         self.hits = 0
         self.misses = 0
 
-    @property
-    def text_dim(self) -> int:
-        return int(self.t5.config.d_model)
-
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> list[torch.Tensor]:
         batch = self.tokenizer(captions, add_special_tokens=True, truncation=True, max_length=self.max_tokens,
@@ -277,7 +273,7 @@ class CaptionEncoder:
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         lengths = [rows[c].shape[0] if c in rows else 0 for c in captions]
-        hidden = torch.zeros(len(captions), max([1, *lengths]), self.text_dim)
+        hidden = torch.zeros(len(captions), max([1, *lengths]), int(self.t5.config.d_model))
         for index, caption in enumerate(captions):
             if caption in rows:
                 hidden[index, :lengths[index]] = rows[caption]
@@ -305,11 +301,6 @@ def build_optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Op
 # ---------------------------------------------------------------------------------------------------------------
 # The training state
 # ---------------------------------------------------------------------------------------------------------------
-def _seed_for(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class TrainState(Stepper):
     """The LM's `Stepper`: a micro-batch is a `Batch` whose captions go through condition dropout (seeded by
     seed, rank, step and micro-batch, so a resumed run drops the same ones), the frozen T5 and the LM under
@@ -340,7 +331,8 @@ class TrainState(Stepper):
         return lm_loss(logits, batch.targets, batch.mask, self.config.loss_weighting)
 
     def _micro_batch_loss(self, batch: Batch, index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        generator = torch.Generator().manual_seed(_seed_for(self.config.seed, self.rank, self.step, index))
+        digest = hashlib.sha256(f"{self.config.seed}:{self.rank}:{self.step}:{index}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         out = self.forward(batch, drop_conditions(batch.captions, self.config.cfg_dropout,
                                                   self.config.cfg_dropout_mode, generator))
         per_codebook = {f"loss_q{k}": value for k, value in enumerate(out.per_codebook.float().tolist())}
@@ -375,11 +367,10 @@ class TrainState(Stepper):
             return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
-                   "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict()}
-        torch.save(payload, directory / CHECKPOINT_STATE_FILE)
-        info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
-                "model_config": self.model_config.to_dict(), "training_config": asdict(self.config),
+        header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step}
+        torch.save({**header, "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict()},
+                   directory / CHECKPOINT_STATE_FILE)
+        info = {**header, "model_config": self.model_config.to_dict(), "training_config": asdict(self.config),
                 "text_projection": isinstance(getattr(self.module, "module", self.module).text_proj, nn.Linear),
                 **(meta or {})}
         (directory / CHECKPOINT_META_FILE).write_text(json.dumps(info, indent=2, default=str))
@@ -413,13 +404,11 @@ def read_checkpoint_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Building models to train and exporting them
 # ---------------------------------------------------------------------------------------------------------------
-CODEC_FIELDS = ("n_q", "card", "audio_channels", "sample_rate", "frame_rate", "delays")
-
-
 def scratch_config(preset: str, base: AudioGenConfig, text_dim: int, **overrides: Any) -> AudioGenConfig:
     """A `preset` LM size whose codec-facing fields (rates, codebooks, card, delays) and text encoder come from
     the base model that supplies the T5 and the codec; `overrides` change anything else."""
-    values = {name: getattr(base, name) for name in CODEC_FIELDS}
+    values = {name: getattr(base, name) for name in ("n_q", "card", "audio_channels", "sample_rate", "frame_rate",
+                                                     "delays")}
     values.update(text_encoder=base.text_encoder, text_dim=text_dim, max_text_tokens=base.max_text_tokens,
                   name=f"audiogen-{preset}")
     values.update(overrides)
@@ -475,17 +464,17 @@ def export_model(checkpoint: str | os.PathLike[str], base: Any, *, source: dict[
     return AudioGen(config, lm, text, base.codec, source=info, device="cpu", dtype=torch.float32)
 
 
-def load_base_model(spec: str, *, device: str = "cpu") -> Any:
+def load_base_model(spec: str) -> Any:
     """`tiny` / `tiny:SEED` (the seeded random model of `audiogen.scratch`) or a checkpoint directory
-    `AudioGen.from_pretrained` reads; float32 on `device`."""
+    `AudioGen.from_pretrained` reads; float32 on the CPU."""
     from audiogen.model import AudioGen
 
     if spec == "tiny" or spec.startswith("tiny:"):
         from audiogen.scratch import random_model
 
         with single_thread():
-            return random_model(seed=_tiny_seed(spec), device=device)
-    return AudioGen.from_pretrained(spec, device=device, dtype=torch.float32)
+            return random_model(seed=_tiny_seed(spec))
+    return AudioGen.from_pretrained(spec, device="cpu", dtype=torch.float32)
 
 
 def load_text_encoder_of(spec: str) -> tuple[nn.Module, Any]:

@@ -68,10 +68,9 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> pa
         base = posixpath.dirname(url) if lower.endswith(".parquet") else url.rstrip("/")
     path_col = _pick(table, PATH_COLUMNS, "audio path")
     caption_col = _pick(table, CAPTION_COLUMNS, "caption")
-    n = table.num_rows
 
     def column(name: str, default: Any) -> list[Any]:
-        return table[name].to_pylist() if name in table.column_names else [default] * n
+        return table[name].to_pylist() if name in table.column_names else [default] * table.num_rows
 
     paths = [_resolve_path(str(p), base) if p is not None else "" for p in column(path_col, None)]
     captions = ["" if c is None else str(c) for c in column(caption_col, "")]

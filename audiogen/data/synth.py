@@ -183,7 +183,7 @@ def sample_spec(rng: np.random.Generator, split: str = "train", *, kind: str | N
     """A random spec of `kind` (else drawn by `KIND_WEIGHTS`) whose combination belongs to `split`. The parts of
     sequences and mixes only take the split's continuous ranges: what is held out about them is their
     combination and caption templates."""
-    _check_split(split)
+    _split_id(split)  # validates
     if kind is None:
         kind = KINDS[int(rng.choice(len(KINDS), p=np.asarray(KIND_WEIGHTS) / sum(KIND_WEIGHTS)))]
     if kind not in KINDS:
@@ -245,11 +245,6 @@ def _draw_simple(rng: np.random.Generator, split: str, kind: str, duration: floa
                          decay=round(_draw(rng, 0.02, 0.08, split), 4),
                          onset=round(_draw(rng, 0.0, 0.25, split), 4), seed=seed)
     raise ValueError(f"{kind!r} is not a simple kind")
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,6 +364,8 @@ def colored_noise(rng: np.random.Generator, n: int, color: str, sr: int = SAMPLE
 def _beat(spec: SoundSpec, sr: int, n: int, rng: np.random.Generator) -> np.ndarray:
     period = 60.0 / spec.tempo
     hit = _hit(spec, sr, rng)
+    tail = max(1, len(hit) // 5)  # each event fades out over its last fifth: a hard cut would be a second onset
+    hit[-tail:] *= 0.5 + 0.5 * np.cos(np.linspace(0.0, np.pi, tail))
     out = np.zeros(n)
     time = spec.onset
     while time < n / sr:
@@ -380,14 +377,7 @@ def _beat(spec: SoundSpec, sr: int, n: int, rng: np.random.Generator) -> np.ndar
 
 
 def _hit(spec: SoundSpec, sr: int, rng: np.random.Generator) -> np.ndarray:
-    """One event of a beat, faded out over its last fifth (a hard cut would be a second, broadband onset)."""
-    hit = _raw_hit(spec, sr, rng)
-    tail = max(1, len(hit) // 5)
-    hit[-tail:] *= 0.5 + 0.5 * np.cos(np.linspace(0.0, np.pi, tail))
-    return hit
-
-
-def _raw_hit(spec: SoundSpec, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """One event of a beat (before `_beat` fades out its tail)."""
     if spec.source not in SOURCES:
         raise ValueError(f"unknown beat source {spec.source!r}")
     seconds = min(0.25, 5 * spec.decay) if spec.source == "noise" else HIT_SECONDS[spec.source]
@@ -594,7 +584,8 @@ class CorpusItem:
 
 
 def _split_id(split: str) -> int:
-    _check_split(split)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return SPLITS.index(split)
 
 
@@ -616,28 +607,24 @@ def iter_corpus(n: int, seed: int, split: str = "train", *, duration: float = DE
 
 
 def write_corpus(directory: str | os.PathLike[str], n: int, seed: int, split: str = "train", *,
-                 duration: float = DEFAULT_DURATION, sample_rate: int = SAMPLE_RATE, format: str = "wav",
-                 kind: str | None = None) -> Path:
+                 duration: float = DEFAULT_DURATION, sample_rate: int = SAMPLE_RATE, format: str = "wav") -> Path:
     """Write `n` clips under `directory/<split>/` and the manifest `directory/<split>.jsonl`; returns its path.
 
     Manifest rows (what `audiogen encode` reads; `path` is relative to the manifest's directory): `id`, `path`,
     `caption`, `duration`, `split`, and `spec` (the `SoundSpec` as a JSON string). Audio is 16-bit PCM.
     """
-    from audiogen.io import write_audio
+    from audiogen.io import atomic_write_local, write_audio
 
     directory = Path(directory)
     (directory / split).mkdir(parents=True, exist_ok=True)
     manifest = directory / f"{split}.jsonl"
     rows = []
-    for index, item in enumerate(iter_corpus(n, seed, split, duration=duration, sample_rate=sample_rate,
-                                             kind=kind)):
+    for index, item in enumerate(iter_corpus(n, seed, split, duration=duration, sample_rate=sample_rate)):
         name = f"{split}/{split}-{seed}-{index:06d}.{format}"
         write_audio(directory / name, item.audio[None], sample_rate, format=format)
         rows.append({"id": f"synth-{split}-{seed}-{index:06d}", "path": name, "caption": item.caption,
                      "duration": item.audio.shape[-1] / sample_rate, "split": split, "spec": item.spec.to_json()})
-    temp = manifest.with_suffix(".jsonl.tmp")
-    temp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temp, manifest)
+    atomic_write_local(str(manifest), "".join(json.dumps(row) + "\n" for row in rows).encode())
     return manifest
 
 

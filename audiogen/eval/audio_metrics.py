@@ -104,22 +104,17 @@ class PitchTrack:
     aperiodicity: np.ndarray  # YIN's normalised difference at the chosen lag (0 = perfectly periodic)
     level_db: np.ndarray  # frame RMS in dB relative to the loudest frame
 
-    @property
-    def voiced(self) -> np.ndarray:
-        return np.isfinite(self.f0)
-
 
 def pitch_track(audio: Any, sample_rate: int, *, fmin: float = 60.0, fmax: float = 2000.0,
                 window: float = 0.064, hop: float = 0.016, threshold: float = 0.15,
                 max_aperiodicity: float = 0.35, silence_db: float = -45.0) -> PitchTrack:
     """YIN pitch per frame; frames quieter than `silence_db` below the loudest, or whose best dip is above
     `max_aperiodicity`, are unvoiced (nan)."""
-    x = as_mono(audio)
     tau_min = max(2, int(sample_rate / fmax))
     tau_max = int(math.ceil(sample_rate / fmin))
     width = int(round(window * sample_rate))
     step = max(1, int(round(hop * sample_rate)))
-    frames = _frames(x, width + tau_max + 1, step)
+    frames = _frames(as_mono(audio), width + tau_max + 1, step)
     count = frames.shape[0]
     # d(tau) = sum_{j<W} (x_j - x_{j+tau})^2 = E0 + E_tau - 2 r(tau), r via FFT.
     head = frames[:, :width]
@@ -173,7 +168,7 @@ def dominant_pitch(audio: Any, sample_rate: int, *, loud_db: float = 20.0, **tra
     """The pitch of the sustained part: median over periodic frames within `loud_db` dB of the loudest."""
     track = pitch_track(audio, sample_rate, **track_options)
     loud = track.level_db >= -loud_db
-    voting = loud & track.voiced
+    voting = loud & np.isfinite(track.f0)  # voiced
     if not voting.any():
         return PitchEstimate(float("nan"), 0.0, 1.0, 0)
     hz = float(2.0 ** np.median(np.log2(track.f0[voting])))
@@ -256,8 +251,6 @@ def beat_tempo(audio: Any, sample_rate: int, *, bpm_range: tuple[float, float] =
     ac = ac / ac[0]
     low_lag = max(2, int(math.floor(60 * frame_rate / bpm_range[1])))
     high_lag = min(len(ac) - 2, int(math.ceil(60 * frame_rate / bpm_range[0])))
-    if high_lag <= low_lag:
-        return TempoEstimate(float("nan"), 0.0, 0)
     window = ac[low_lag:high_lag + 1]
     peaks = [low_lag + i for i in range(1, len(window) - 1)
              if window[i] >= window[i - 1] and window[i] > window[i + 1] and window[i] > 0]
@@ -267,11 +260,8 @@ def beat_tempo(audio: Any, sample_rate: int, *, bpm_range: tuple[float, float] =
     lag = min(p for p in peaks if ac[p] >= octave_ratio * strongest)  # the fundamental period, not a multiple
     position, value = _parabolic(ac, lag)
     period = position / frame_rate
-    candidates = {}
-    for factor in (0.5, 1.0, 2.0):
-        index = int(round(position / factor))
-        if 1 <= index < len(ac) - 1:
-            candidates[round(60 / period * factor, 2)] = float(ac[index - 1:index + 2].max())
+    candidates = {round(60 / period * factor, 2): float(ac[index - 1:index + 2].max()) for factor in (0.5, 1.0, 2.0)
+                  if 1 <= (index := int(round(position / factor))) < len(ac) - 1}
     period, used = _refine_period(ac, position, frame_rate)
     return TempoEstimate(60.0 / period, float(max(0.0, min(1.0, value))), used, candidates)
 
@@ -302,14 +292,6 @@ def _refine_period(ac: np.ndarray, lag: float, frame_rate: float, min_ratio: flo
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def power_spectrum(audio: Any, sample_rate: int, *, n_fft: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Welch estimate (Hann, 50 % overlap): (frequencies Hz, power per bin)."""
-    x = as_mono(audio)
-    frames = _frames(x, n_fft, n_fft // 2) * np.hanning(n_fft)
-    power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).mean(axis=0)
-    return np.fft.rfftfreq(n_fft, 1 / sample_rate), power
-
-
 @dataclass(frozen=True)
 class ColourEstimate:
     colour: str  # nearest of white / pink / brown
@@ -321,7 +303,9 @@ class ColourEstimate:
 def spectral_slope(audio: Any, sample_rate: int, *, fmin: float = 100.0, fmax: float = 5000.0,
                    bands_per_octave: int = 3) -> tuple[float, float]:
     """(slope in dB per octave, RMS residual in dB) of the power spectrum in fractional-octave bands."""
-    freqs, power = power_spectrum(audio, sample_rate)
+    # Welch power spectrum: 2048-sample Hann windows, 50 % overlap
+    power = (np.abs(np.fft.rfft(_frames(as_mono(audio), 2048, 1024) * np.hanning(2048), axis=1)) ** 2).mean(axis=0)
+    freqs = np.fft.rfftfreq(2048, 1 / sample_rate)
     fmax = min(fmax, sample_rate / 2 * 0.95)
     edges = fmin * 2.0 ** (np.arange(int(math.floor(bands_per_octave * math.log2(fmax / fmin))) + 1)
                            / bands_per_octave)
