@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any
 
 MODEL_CACHE = Path("~/.cache/audiogen/models")
+OFFLINE_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}  # the runtime env of workers
 
 
-def ensure_ray() -> None:
+def ensure_ray(progress: bool | None = None) -> None:
     """Attach to the cluster in RAY_ADDRESS (set inside `ray job submit`), else start a local Ray. Workers never
-    reach the Hugging Face hub: weights come from checkpoint directories."""
+    reach the Hugging Face hub: weights come from checkpoint directories. `progress` (when given) turns Ray Data's
+    progress bars on or off."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=OFFLINE_ENV)
+    if progress is not None:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
 
 
 def part_name(keys: list[str]) -> str:

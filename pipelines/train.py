@@ -36,9 +36,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs
+
 from audiogen.config import PRESETS
 from audiogen.options import check_choices, option
-from pipelines.storage import storage_options_field
+from audiogen.validation import check_integer
+from pipelines.job import OFFLINE_ENV, ensure_ray, fetch_model
+from pipelines.storage import arrow_filesystem, storage_options_field
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +95,7 @@ class TrainOptions:
             raise ValueError("model config overrides only apply to from-scratch training (preset)")
         check_choices(self)
         for name in ("workers", "batch_size", "max_steps", "log_every", "eval_every", "keep"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_integer(name, getattr(self, name), low=1, high=None)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -114,10 +117,7 @@ class TrainOptions:
 def data_files(url: str, storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
     """The codes shards under `url` (its `codes/` when it is an encode output, else the Parquet files it names) as
     (pyarrow filesystem, paths on it), what Ray Data and pyarrow read."""
-    import pyarrow.fs
-
     from audiogen.data.manifest import expand_inputs
-    from pipelines.storage import arrow_filesystem
 
     filesystem, path = arrow_filesystem(url, storage_options)
     if filesystem.get_file_info(path.rstrip("/") + "/codes").type == pyarrow.fs.FileType.Directory:
@@ -200,11 +200,6 @@ def _micro_batches(shard: Any, state: Any, options: TrainOptions, rank: int, pos
         position.update(epoch=position["epoch"] + 1, batches_in_epoch=0)
 
 
-def _val_batches(shard: Any, state: Any, options: TrainOptions) -> Any:
-    tables = shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow")
-    return (_collate(table, state, options) for table in itertools.islice(tables, options.max_val_batches))
-
-
 def _collate(table: Any, state: Any, options: TrainOptions) -> Any:
     from pipelines.encode import codes_from_arrow
 
@@ -237,7 +232,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from audiogen.train_loop import run
     from audiogen.training import (CaptionEncoder, TrainState, build_scratch_module, load_base_model,
                                    load_text_encoder_of, module_from_model)
-    from pipelines.job import fetch_model
 
     options: TrainOptions = config["options"]
     model_config = AudioGenConfig.from_dict(config["model_config"])
@@ -274,7 +268,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     reduce = functools.partial(_all_reduce, device=device)
 
     def evaluate() -> dict[str, float]:
-        return {} if val_shard is None else state.evaluate(_val_batches(val_shard, state, options), reduce)
+        if val_shard is None:
+            return {}
+        tables = val_shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow")
+        return state.evaluate((_collate(t, state, options) for t in itertools.islice(tables, options.max_val_batches)),
+                              reduce)
 
     def on_row(row: dict[str, Any], evaluated: bool) -> None:
         row.update(epoch=position["epoch"], start_step=start_step, resumed=checkpoint is not None, world_size=world)
@@ -299,31 +297,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-def _run_config(options: TrainOptions, score: str) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    from pipelines.storage import arrow_filesystem
-
-    if "://" in options.storage:
-        filesystem, path = arrow_filesystem(options.storage, options.storage_options)
-    else:
-        filesystem, path = None, os.path.abspath(os.path.expanduser(options.storage))
-    return RunConfig(
-        name=options.name, storage_path=path, storage_filesystem=filesystem,
-        checkpoint_config=CheckpointConfig(num_to_keep=options.keep, checkpoint_score_attribute=score,
-                                           checkpoint_score_order="min"),
-        failure_config=FailureConfig(max_failures=options.max_failures),
-        worker_runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-
-
 def run_train(options: TrainOptions) -> dict[str, Any]:
     """Train (resuming the run `options.name` in `options.storage` if it has checkpoints), export, summarise."""
     import pyarrow.parquet as pq
-    from ray.train import ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from audiogen.training import load_base_model, scratch_config
-    from pipelines.job import ensure_ray, fetch_model
 
     started = time.perf_counter()
     options.training_config()  # validate before starting anything
@@ -345,12 +325,21 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
         raise ValueError(f"train split has {rows} rows, fewer than workers x batch_size = "
                          f"{options.workers} x {options.batch_size}")
     score = "val_loss" if "val" in datasets else "loss"
+    if "://" in options.storage:
+        filesystem, path = arrow_filesystem(options.storage, options.storage_options)
+    else:
+        filesystem, path = None, os.path.abspath(os.path.expanduser(options.storage))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"options": options, "model_config": model_config.to_dict(), "has_val": "val" in datasets},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu,
                                      resources_per_worker={"CPU": options.cpus_per_worker}),  # + 1 GPU with use_gpu
-        run_config=_run_config(options, score), datasets=datasets)
+        run_config=RunConfig(
+            name=options.name, storage_path=path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=options.keep, checkpoint_score_attribute=score,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=options.max_failures), worker_runtime_env=OFFLINE_ENV),
+        datasets=datasets)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
