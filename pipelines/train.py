@@ -36,11 +36,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+import pyarrow as pa
 import pyarrow.fs
+import pyarrow.parquet as pq
 
 from audiogen.config import PRESETS
+from audiogen.data.manifest import expand_inputs
 from audiogen.options import check_choices, option
 from audiogen.validation import check_integer
+from pipelines.encode import codes_from_arrow
 from pipelines.job import OFFLINE_ENV, ensure_ray, fetch_model
 from pipelines.storage import arrow_filesystem, storage_options_field
 
@@ -117,8 +122,6 @@ class TrainOptions:
 def data_files(url: str, storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
     """The codes shards under `url` (its `codes/` when it is an encode output, else the Parquet files it names) as
     (pyarrow filesystem, paths on it), what Ray Data and pyarrow read."""
-    from audiogen.data.manifest import expand_inputs
-
     filesystem, path = arrow_filesystem(url, storage_options)
     if filesystem.get_file_info(path.rstrip("/") + "/codes").type == pyarrow.fs.FileType.Directory:
         url = url.rstrip("/") + "/codes"
@@ -135,8 +138,6 @@ def is_val_row(row_id: str, split: str | None, fraction: float) -> bool:
 
 
 def _select(batch: Any, *, val: bool, fraction: float) -> Any:
-    import pyarrow as pa
-
     keep = [is_val_row(i, s, fraction) == val for i, s in zip(batch["id"].to_pylist(), batch["split"].to_pylist())]
     return batch.filter(pa.array(keep, pa.bool_()))
 
@@ -201,8 +202,6 @@ def _micro_batches(shard: Any, state: Any, options: TrainOptions, rank: int, pos
 
 
 def _collate(table: Any, state: Any, options: TrainOptions) -> Any:
-    from pipelines.encode import codes_from_arrow
-
     return state.collate(codes_from_arrow(table["codes"]), table["caption"].to_pylist(),
                          table["n_frames"].to_pylist(), max_frames=options.max_frames)
 
@@ -299,7 +298,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 def run_train(options: TrainOptions) -> dict[str, Any]:
     """Train (resuming the run `options.name` in `options.storage` if it has checkpoints), export, summarise."""
-    import pyarrow.parquet as pq
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -366,8 +364,6 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
 
 def export_checkpoint(checkpoint: Any, base: Any, destination: str, storage_options: dict[str, Any]) -> str:
     """A Ray checkpoint -> `AudioGen.save_pretrained(destination)` (local directory or s3:// prefix)."""
-    import fsspec
-
     from audiogen.training import export_model
 
     with checkpoint.as_directory() as directory:

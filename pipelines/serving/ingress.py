@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -83,8 +84,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 def request_id(request: Request) -> str:
     """Serve's id of this request (the client's X-Request-Id, or one the proxy made up; the proxy also puts it in
     the response's X-Request-Id), so that access logs, engine requests and clients agree."""
-    from ray.serve.context import _get_serve_request_context
-
     given = _get_serve_request_context().request_id or request.headers.get("x-request-id", "")
     return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
 

@@ -23,12 +23,15 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from audiogen.engine import Engine, EngineSnapshot, GenerationRequest, GenerationResult
+from audiogen.engine.cpu import reserve_cores_for_engine
 from audiogen.errors import InvalidRequestError, QueueFullError
 from audiogen.io import SUPPORTED_FORMATS, OggStreamEncoder, encode_audio, pcm_bytes, read_audio, wav_stream_header
+from audiogen.loading import open_model
 from audiogen.model import AudioEdit, AudioGen
 from audiogen.sampling_params import MAX_GUIDANCE, MAX_SEED, MAX_TEMPERATURE
 
@@ -124,10 +127,6 @@ class AudioGenEngine:
     by reference and the replica runs this module's code."""
 
     async def __init__(self, args: dict[str, Any], board: DeploymentHandle) -> None:
-        import torch
-
-        from audiogen.engine.cpu import reserve_cores_for_engine
-
         self.settings = AppSettings.from_args(args)
         self.table = self.settings.model_table()
         self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,8 +146,6 @@ class AudioGenEngine:
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     def _open(self, model_id: str) -> LoadedModel:
-        from audiogen.loading import open_model
-
         s = self.settings
         model = open_model(self.table[model_id], backend=s.backend, text_encoder=s.text_encoder, device=self.device,
                            dtype=s.dtype)
