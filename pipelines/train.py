@@ -206,19 +206,6 @@ def _collate(table: Any, state: Any, options: TrainOptions) -> Any:
                          table["n_frames"].to_pylist(), max_frames=options.max_frames)
 
 
-def _prepare(module: Any, options: TrainOptions, device: Any) -> Any:
-    """DDP through Ray's `prepare_model`; FSDP as torch's `fully_shard` (FSDP2, see `audiogen.training.shard_fsdp`),
-    which runs on CPU/gloo as well as on GPUs (Ray's FSDP1 wrapper refuses CPUs)."""
-    import ray.train.torch
-    import torch.distributed as dist
-
-    if options.strategy == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
-        from audiogen.training import shard_fsdp
-
-        return shard_fsdp(module.to(device))
-    return ray.train.torch.prepare_model(module, parallel_strategy="ddp")
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """`audiogen.train_loop.run` on this worker's shard; the Ray parts are its hooks: rows are all-reduced over
     the workers and go to `ray.train.report`, evaluation rows with a checkpoint (every rank calls it: FSDP gathers
@@ -230,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from audiogen.config import AudioGenConfig
     from audiogen.train_loop import run
     from audiogen.training import (CaptionEncoder, TrainState, build_scratch_module, load_base_model,
-                                   load_text_encoder_of, module_from_model)
+                                   load_text_encoder_of, module_from_model, shard_fsdp)
 
     options: TrainOptions = config["options"]
     model_config = AudioGenConfig.from_dict(config["model_config"])
@@ -249,9 +236,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:  # from scratch: only the base's T5 and tokenizer
         t5, tokenizer = load_text_encoder_of(spec)
         module = build_scratch_module(model_config, t5.config.d_model, seed=options.seed)
+    # DDP through Ray's `prepare_model`; FSDP as torch's `fully_shard` (FSDP2, see `audiogen.training.shard_fsdp`),
+    # which runs on CPU/gloo as well as on GPUs (Ray's FSDP1 wrapper refuses CPUs)
+    if options.strategy == "fsdp" and world > 1:
+        module = shard_fsdp(module.to(device))
+    else:
+        module = ray.train.torch.prepare_model(module, parallel_strategy="ddp")
     captions = CaptionEncoder(t5, tokenizer, model_config.max_text_tokens, cache_size=training.text_cache_size,
                               device=device)
-    state = TrainState(_prepare(module, options, device), captions, training, model_config=model_config,
+    state = TrainState(module, captions, training, model_config=model_config,
                        device=device, rank=rank)
 
     history: list[dict[str, Any]] = []

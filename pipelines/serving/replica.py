@@ -72,12 +72,6 @@ class LoadedModel:
     info: dict[str, Any]
     closed: bool = False
 
-    def check_room(self) -> None:
-        """503 before spending anything on an upload when the engine is full (its submit is the real bound)."""
-        snapshot = self.engine.snapshot()
-        if snapshot.in_flight >= snapshot.capacity:
-            raise QueueFullError(snapshot.max_queued)
-
     def prepare_edit(self, body: ContinueBody | InpaintBody, upload: bytes, request_id: str | None) -> AudioEdit:
         """Decode the upload, build the mask, encode the codes (blocking: run in a worker thread)."""
         audio, rate = read_audio(upload, max_seconds=self.info["limits"]["max_upload_seconds"])
@@ -238,7 +232,9 @@ class AudioGenEngine:
                     request_id: str | None) -> Clip:
         body = schema.model_validate(body)
         loaded = await self._model(resolve_model(body.model, self.table))
-        loaded.check_room()
+        snapshot = loaded.engine.snapshot()
+        if snapshot.in_flight >= snapshot.capacity:  # 503 before spending anything on the upload (submit is the bound)
+            raise QueueFullError(snapshot.max_queued)
         edit = await asyncio.to_thread(loaded.prepare_edit, body, upload, request_id)
         result = await loaded.engine.generate(edit.request)
 
