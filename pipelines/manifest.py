@@ -65,9 +65,7 @@ def file_stem(row_id: str) -> str:
     """A file name no id can escape the output prefix with: [A-Za-z0-9._-] only, no leading dot, bounded
     length; ids that had to be changed get a hash suffix so two ids never share a file."""
     safe = _SAFE.sub("_", row_id)[:100].lstrip(".") or "_"
-    if safe != row_id:
-        safe = f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:12]}"
-    return safe
+    return safe if safe == row_id else f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:12]}"
 
 
 def _row_id(value: Any) -> str | None:
