@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +59,6 @@ def run_render_command(args: argparse.Namespace) -> int:
 
 def _example_manifest() -> str:
     """The embedded example prompts as a Parquet manifest in a temp directory."""
-    import tempfile
-    from importlib import resources
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -88,8 +88,6 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
     from audiogen.training import TrainingConfig
     from pipelines.train import TrainOptions
 
@@ -103,8 +101,6 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 @command("train", _train_arguments)
 def run_train_command(args: argparse.Namespace) -> int:
     """Train an LM from scratch or fine-tune one on encoded data with Ray Train (DDP/FSDP, checkpoints)."""
-    from dataclasses import fields
-
     from audiogen.training import TrainingConfig
     from pipelines.train import TrainOptions, run_train
 
@@ -120,8 +116,6 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
     from pipelines.serving.settings import AppSettings, LaunchOptions
 
     parser.add_argument("--config", default=None, help="Serve config file (default: ./serve_config.yaml if present, "

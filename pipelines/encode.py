@@ -38,12 +38,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from audiogen.data.manifest import load_manifest
+from audiogen.io import read_audio
 from audiogen.options import option
 from audiogen.validation import check_integer, check_number
 from pipelines.job import ensure_ray, fetch_model, write_summary
@@ -208,8 +210,6 @@ def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
     """`default` (the embedded demo model's), `tiny` / `tiny:SEED` (the codec of `audiogen.scratch.random_model`),
     an EnCodec directory (`Codec.save_pretrained`), or a model directory of any supported format (its codec);
     local or s3://."""
-    from pathlib import Path
-
     from audiogen.codec import Codec
 
     spec = fetch_model(spec, storage_options)
@@ -237,8 +237,6 @@ def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
 def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo,
                      partial: dict[str, list[int]]) -> dict[str, np.ndarray]:
     """Ray Data map task: read, resample and segment each file of `batch`; unusable files -> `errors/`."""
-    from audiogen.io import read_audio
-
     length = max(1, int(round(options.segment_seconds * info.frame_rate))) * info.hop_length
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -336,6 +334,7 @@ def existing_state(storage: Any) -> tuple[dict[str, set[int]], dict[str, int], s
 def run_encode(options: EncodeOptions) -> dict[str, Any]:
     """Encode every not-yet-encoded file of the manifest; returns (and writes) the summary."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()
     storage = Storage(options.output, options.storage_options)
@@ -362,9 +361,20 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
 
     segments = shards = 0
     if todo.num_rows:
-        ensure_ray()
-        ray.data.DataContext.get_current().enable_progress_bars = options.progress
-        for batch in _dataset(options, info, todo, partial).iter_batches(batch_size=None, batch_format="pyarrow"):
+        ensure_ray(options.progress)
+        blocks = [todo.slice(start, options.read_batch) for start in range(0, todo.num_rows, options.read_batch)]
+        # Reading and resampling run as their own CPU tasks with a memory reservation for the decoded audio; the
+        # reservation also keeps Ray Data from fusing them into the encoder actors (fusion needs equal resources),
+        # so many cheap CPUs decode while the codec actors stay busy.
+        read = ray.data.from_arrow(blocks).map_batches(
+            read_and_segment, batch_size=None, batch_format="pyarrow", num_cpus=options.read_cpus,
+            memory=options.read_memory_mb * 2**20, fn_kwargs={"options": options, "info": info, "partial": partial})
+        encoded = read.map_batches(
+            SegmentEncoder, batch_size=options.encode_batch, batch_format="numpy",
+            fn_constructor_kwargs={"options": options, "checksum": info.checksum},
+            compute=ActorPoolStrategy(size=options.encoders), num_cpus=options.encoder_cpus,
+            num_gpus=options.encoder_gpus or None)
+        for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
             segments += sum(batch["segments"].to_pylist())
             shards += sum(1 for s in batch["shard"].to_pylist() if s)
     written_after, _, errored_after, _ = existing_state(storage)
@@ -385,20 +395,3 @@ def run_encode(options: EncodeOptions) -> dict[str, Any]:
     write_summary(storage, "summary.json", summary)
     return summary
 
-
-def _dataset(options: EncodeOptions, info: CodecInfo, todo: pa.Table, partial: dict[str, list[int]]) -> Any:
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    blocks = [todo.slice(start, options.read_batch) for start in range(0, todo.num_rows, options.read_batch)]
-    # Reading and resampling run as their own CPU tasks with a memory reservation for the decoded audio; the
-    # reservation also keeps Ray Data from fusing them into the encoder actors (fusion needs equal resources),
-    # so many cheap CPUs decode while the codec actors stay busy.
-    segments = ray.data.from_arrow(blocks).map_batches(
-        read_and_segment, batch_size=None, batch_format="pyarrow", num_cpus=options.read_cpus,
-        memory=options.read_memory_mb * 2**20, fn_kwargs={"options": options, "info": info, "partial": partial})
-    return segments.map_batches(
-        SegmentEncoder, batch_size=options.encode_batch, batch_format="numpy",
-        fn_constructor_kwargs={"options": options, "checksum": info.checksum},
-        compute=ActorPoolStrategy(size=options.encoders), num_cpus=options.encoder_cpus,
-        num_gpus=options.encoder_gpus or None)

@@ -13,17 +13,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import fsspec
+from filelock import FileLock
+
+from audiogen.defaults import resolve_model_spec
+
 MODEL_CACHE = Path("~/.cache/audiogen/models")
+OFFLINE_ENV = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}  # the runtime env of workers
 
 
-def ensure_ray() -> None:
+def ensure_ray(progress: bool | None = None) -> None:
     """Attach to the cluster in RAY_ADDRESS (set inside `ray job submit`), else start a local Ray. Workers never
-    reach the Hugging Face hub: weights come from checkpoint directories."""
+    reach the Hugging Face hub: weights come from checkpoint directories. `progress` (when given) turns Ray Data's
+    progress bars on or off."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=OFFLINE_ENV)
+    if progress is not None:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
 
 
 def part_name(keys: list[str]) -> str:
@@ -78,10 +86,6 @@ def fetch_model(spec: str, storage_options: dict[str, Any] | None = None, *, cac
     Several actors on one node may ask at once: one downloads under a file lock into a temporary directory that
     is renamed into place when complete, so nobody ever loads a half-copied model and the download happens once.
     """
-    from filelock import FileLock
-
-    from audiogen.defaults import resolve_model_spec
-
     spec = resolve_model_spec(spec)
     if "://" not in spec:  # tiny[:SEED] or a local directory
         return spec
@@ -92,8 +96,6 @@ def fetch_model(spec: str, storage_options: dict[str, Any] | None = None, *, cac
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{target}.lock"):
         if not target.is_dir():
-            import fsspec
-
             fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
             if not fs.isdir(path):
                 raise FileNotFoundError(f"model directory {spec} does not exist")

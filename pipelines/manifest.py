@@ -29,10 +29,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from audiogen.errors import InvalidRequestError
 from audiogen.sampling_params import FIELDS, MAX_SEED, SamplingParams
 from audiogen.validation import check_number, check_text
+from pipelines.storage import Storage, arrow_filesystem
 
 MANIFEST_COLUMNS = ("id", "prompt", "duration", *FIELDS)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -63,9 +65,7 @@ def file_stem(row_id: str) -> str:
     """A file name no id can escape the output prefix with: [A-Za-z0-9._-] only, no leading dot, bounded
     length; ids that had to be changed get a hash suffix so two ids never share a file."""
     safe = _SAFE.sub("_", row_id)[:100].lstrip(".") or "_"
-    if safe != row_id:
-        safe = f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:12]}"
-    return safe
+    return safe if safe == row_id else f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:12]}"
 
 
 def _row_id(value: Any) -> str | None:
@@ -109,11 +109,8 @@ def normalize_table(table: pa.Table, defaults: SamplingParams, duration: float |
         row = None if first_row is None else first_row + offset
         try:
             record = normalize_row(values, defaults, duration)
-        except InvalidRequestError as error:
-            try:
-                given_id = _row_id(values.get("id"))
-            except InvalidRequestError:
-                given_id = None
+        except InvalidRequestError as error:  # the id is checked first: any other field's error has a valid id
+            given_id = None if error.field == "id" else _row_id(values.get("id"))
             record = {"id": given_id or f"row-{row if row is not None else offset}", "status": "invalid",
                       "error_field": error.field, "error_type": "InvalidRow", "error": str(error),
                       "row_json": json.dumps(values, default=repr, ensure_ascii=False)}
@@ -134,10 +131,6 @@ def normalize_table(table: pa.Table, defaults: SamplingParams, duration: float |
 
 def check_manifest(files: list[str], url: str, storage_options: dict[str, Any]) -> None:
     """Fail fast, on the driver, when the first manifest file cannot be read or has no `prompt` column."""
-    import pyarrow.parquet as pq
-
-    from pipelines.storage import arrow_filesystem
-
     filesystem, _ = arrow_filesystem(url, storage_options)
     names = pq.read_schema(files[0], filesystem=filesystem).names
     if "prompt" not in names:
@@ -149,10 +142,7 @@ def plan_manifest(_: pa.Table, *, files: list[str], url: str, storage_options: d
                   rows_per_read: int) -> Iterator[pa.Table]:
     """Ray Data generator (the single task of the planning stage): every row of `files` in order, planned;
     rows committed in `output` by an earlier run are marked `done` (read here, never on the driver)."""
-    import pyarrow.parquet as pq
-
-    from pipelines.commit import committed_ids
-    from pipelines.storage import Storage, arrow_filesystem
+    from pipelines.commit import committed_ids  # imported here: commit imports the processor, which imports this
 
     committed = committed_ids(Storage(output, storage_options))
     filesystem, _ = arrow_filesystem(url, storage_options)

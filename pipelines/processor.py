@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from audiogen.errors import InvalidRequestError
-from audiogen.io import SUPPORTED_FORMATS
+from audiogen.io import SUPPORTED_FORMATS, encode_audio
 from audiogen.options import check_choices, option
 from audiogen.sampling_params import SamplingParams
 from audiogen.validation import check_integer
@@ -161,8 +161,6 @@ class RenderWorker:
     def _write_audio(self, outcome: dict[str, Any], row: dict[str, Any], result: Any, seconds: float
                      ) -> dict[str, Any]:
         """Encode and write one clip (atomically); returns its render columns."""
-        from audiogen.io import encode_audio
-
         spec = SUPPORTED_FORMATS[self.config.format]
         subtype = self.config.subtype or spec.default_subtype
         data = encode_audio(result.audio, result.sample_rate, format=self.config.format, subtype=subtype)

@@ -60,7 +60,7 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
     """Render every not-yet-committed row of the manifest; returns (and writes as `_SUCCESS`) the job summary."""
     import ray
 
-    from pipelines.commit import RenderSink
+    from pipelines.commit import STATUSES, RenderSink
     from pipelines.manifest import check_manifest, plan_manifest
 
     started = time.perf_counter()
@@ -68,8 +68,7 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
     files = expand_inputs(options.input, options.storage_options)
     check_manifest(files, options.input, options.storage_options)
     storage = Storage(options.output, options.storage_options)
-    ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = options.progress
+    ensure_ray(options.progress)
     storage.remove_prefix("errors")  # errors describe the latest run: every row not done is tried again now
     planned = ray.data.from_items([{"manifest": options.input}])
     planned.context.target_max_block_size = TASK_ROWS_PER_SLOT * options.max_batch_slots * ROW_BYTES
@@ -85,17 +84,11 @@ def run_render(options: RenderOptions, *, worker: type[RenderWorker] = RenderWor
         processor.render(planned).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     finally:
         ray.kill(progress)
-    summary = _summary(options, sink.counts, wall=time.perf_counter() - started)
-    write_summary(storage, "_SUCCESS", summary)
-    return summary
-
-
-def _summary(options: RenderOptions, counts: dict[str, float], *, wall: float) -> dict[str, Any]:
-    audio_seconds = counts["audio_seconds"]
-    rendered = int(counts["rendered"])
-    return {
+    counts, wall = sink.counts, time.perf_counter() - started
+    audio_seconds, rendered = counts["audio_seconds"], int(counts["rendered"])
+    summary = {
         "input": options.input, "output": options.output, "model": options.model or "embedded default",
-        "rows_read": int(sum(counts[s] for s in ("rendered", "failed", "invalid", "done"))),
+        "rows_read": int(sum(counts[s] for s in STATUSES)),
         "rows_rendered": rendered, "rows_skipped_done": int(counts["done"]),
         "rows_failed": int(counts["failed"] + counts["invalid"]), "rows_invalid": int(counts["invalid"]),
         "audio_hours": round(audio_seconds / 3600, 6), "audio_seconds": round(audio_seconds, 3),
@@ -103,3 +96,5 @@ def _summary(options: RenderOptions, counts: dict[str, float], *, wall: float) -
         "audio_seconds_per_second": round(audio_seconds / wall, 4) if wall else 0.0,
         "format": options.format, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
     }
+    write_summary(storage, "_SUCCESS", summary)
+    return summary

@@ -36,9 +36,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+
 from audiogen.config import PRESETS
+from audiogen.data.manifest import expand_inputs
 from audiogen.options import check_choices, option
-from pipelines.storage import storage_options_field
+from audiogen.validation import check_integer
+from pipelines.encode import codes_from_arrow
+from pipelines.job import OFFLINE_ENV, ensure_ray, fetch_model
+from pipelines.storage import arrow_filesystem, storage_options_field
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +100,7 @@ class TrainOptions:
             raise ValueError("model config overrides only apply to from-scratch training (preset)")
         check_choices(self)
         for name in ("workers", "batch_size", "max_steps", "log_every", "eval_every", "keep"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_integer(name, getattr(self, name), low=1, high=None)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -114,11 +122,6 @@ class TrainOptions:
 def data_files(url: str, storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
     """The codes shards under `url` (its `codes/` when it is an encode output, else the Parquet files it names) as
     (pyarrow filesystem, paths on it), what Ray Data and pyarrow read."""
-    import pyarrow.fs
-
-    from audiogen.data.manifest import expand_inputs
-    from pipelines.storage import arrow_filesystem
-
     filesystem, path = arrow_filesystem(url, storage_options)
     if filesystem.get_file_info(path.rstrip("/") + "/codes").type == pyarrow.fs.FileType.Directory:
         url = url.rstrip("/") + "/codes"
@@ -135,8 +138,6 @@ def is_val_row(row_id: str, split: str | None, fraction: float) -> bool:
 
 
 def _select(batch: Any, *, val: bool, fraction: float) -> Any:
-    import pyarrow as pa
-
     keep = [is_val_row(i, s, fraction) == val for i, s in zip(batch["id"].to_pylist(), batch["split"].to_pylist())]
     return batch.filter(pa.array(keep, pa.bool_()))
 
@@ -200,29 +201,9 @@ def _micro_batches(shard: Any, state: Any, options: TrainOptions, rank: int, pos
         position.update(epoch=position["epoch"] + 1, batches_in_epoch=0)
 
 
-def _val_batches(shard: Any, state: Any, options: TrainOptions) -> Any:
-    tables = shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow")
-    return (_collate(table, state, options) for table in itertools.islice(tables, options.max_val_batches))
-
-
 def _collate(table: Any, state: Any, options: TrainOptions) -> Any:
-    from pipelines.encode import codes_from_arrow
-
     return state.collate(codes_from_arrow(table["codes"]), table["caption"].to_pylist(),
                          table["n_frames"].to_pylist(), max_frames=options.max_frames)
-
-
-def _prepare(module: Any, options: TrainOptions, device: Any) -> Any:
-    """DDP through Ray's `prepare_model`; FSDP as torch's `fully_shard` (FSDP2, see `audiogen.training.shard_fsdp`),
-    which runs on CPU/gloo as well as on GPUs (Ray's FSDP1 wrapper refuses CPUs)."""
-    import ray.train.torch
-    import torch.distributed as dist
-
-    if options.strategy == "fsdp" and dist.is_initialized() and dist.get_world_size() > 1:
-        from audiogen.training import shard_fsdp
-
-        return shard_fsdp(module.to(device))
-    return ray.train.torch.prepare_model(module, parallel_strategy="ddp")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -236,8 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from audiogen.config import AudioGenConfig
     from audiogen.train_loop import run
     from audiogen.training import (CaptionEncoder, TrainState, build_scratch_module, load_base_model,
-                                   load_text_encoder_of, module_from_model)
-    from pipelines.job import fetch_model
+                                   load_text_encoder_of, module_from_model, shard_fsdp)
 
     options: TrainOptions = config["options"]
     model_config = AudioGenConfig.from_dict(config["model_config"])
@@ -256,9 +236,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     else:  # from scratch: only the base's T5 and tokenizer
         t5, tokenizer = load_text_encoder_of(spec)
         module = build_scratch_module(model_config, t5.config.d_model, seed=options.seed)
+    # DDP through Ray's `prepare_model`; FSDP as torch's `fully_shard` (FSDP2, see `audiogen.training.shard_fsdp`),
+    # which runs on CPU/gloo as well as on GPUs (Ray's FSDP1 wrapper refuses CPUs)
+    if options.strategy == "fsdp" and world > 1:
+        module = shard_fsdp(module.to(device))
+    else:
+        module = ray.train.torch.prepare_model(module, parallel_strategy="ddp")
     captions = CaptionEncoder(t5, tokenizer, model_config.max_text_tokens, cache_size=training.text_cache_size,
                               device=device)
-    state = TrainState(_prepare(module, options, device), captions, training, model_config=model_config,
+    state = TrainState(module, captions, training, model_config=model_config,
                        device=device, rank=rank)
 
     history: list[dict[str, Any]] = []
@@ -274,7 +260,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     reduce = functools.partial(_all_reduce, device=device)
 
     def evaluate() -> dict[str, float]:
-        return {} if val_shard is None else state.evaluate(_val_batches(val_shard, state, options), reduce)
+        if val_shard is None:
+            return {}
+        tables = val_shard.iter_batches(batch_size=options.batch_size, batch_format="pyarrow")
+        return state.evaluate((_collate(t, state, options) for t in itertools.islice(tables, options.max_val_batches)),
+                              reduce)
 
     def on_row(row: dict[str, Any], evaluated: bool) -> None:
         row.update(epoch=position["epoch"], start_step=start_step, resumed=checkpoint is not None, world_size=world)
@@ -299,31 +289,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
-def _run_config(options: TrainOptions, score: str) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    from pipelines.storage import arrow_filesystem
-
-    if "://" in options.storage:
-        filesystem, path = arrow_filesystem(options.storage, options.storage_options)
-    else:
-        filesystem, path = None, os.path.abspath(os.path.expanduser(options.storage))
-    return RunConfig(
-        name=options.name, storage_path=path, storage_filesystem=filesystem,
-        checkpoint_config=CheckpointConfig(num_to_keep=options.keep, checkpoint_score_attribute=score,
-                                           checkpoint_score_order="min"),
-        failure_config=FailureConfig(max_failures=options.max_failures),
-        worker_runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-
-
 def run_train(options: TrainOptions) -> dict[str, Any]:
     """Train (resuming the run `options.name` in `options.storage` if it has checkpoints), export, summarise."""
-    import pyarrow.parquet as pq
-    from ray.train import ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from audiogen.training import load_base_model, scratch_config
-    from pipelines.job import ensure_ray, fetch_model
 
     started = time.perf_counter()
     options.training_config()  # validate before starting anything
@@ -345,12 +316,21 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
         raise ValueError(f"train split has {rows} rows, fewer than workers x batch_size = "
                          f"{options.workers} x {options.batch_size}")
     score = "val_loss" if "val" in datasets else "loss"
+    if "://" in options.storage:
+        filesystem, path = arrow_filesystem(options.storage, options.storage_options)
+    else:
+        filesystem, path = None, os.path.abspath(os.path.expanduser(options.storage))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"options": options, "model_config": model_config.to_dict(), "has_val": "val" in datasets},
         scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu,
                                      resources_per_worker={"CPU": options.cpus_per_worker}),  # + 1 GPU with use_gpu
-        run_config=_run_config(options, score), datasets=datasets)
+        run_config=RunConfig(
+            name=options.name, storage_path=path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=options.keep, checkpoint_score_attribute=score,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=options.max_failures), worker_runtime_env=OFFLINE_ENV),
+        datasets=datasets)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -377,8 +357,6 @@ def run_train(options: TrainOptions) -> dict[str, Any]:
 
 def export_checkpoint(checkpoint: Any, base: Any, destination: str, storage_options: dict[str, Any]) -> str:
     """A Ray checkpoint -> `AudioGen.save_pretrained(destination)` (local directory or s3:// prefix)."""
-    import fsspec
-
     from audiogen.training import export_model
 
     with checkpoint.as_directory() as directory:

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from ray import serve
 from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
 from pipelines.serving.autoscaling import POLICY
 from pipelines.serving.board import EngineBoard
@@ -116,9 +118,6 @@ class ServeConfig:
 
     @classmethod
     def read(cls, path: str | Path = DEFAULT_CONFIG) -> ServeConfig:
-        import yaml
-        from ray.serve.schema import ServeDeploySchema
-
         raw = yaml.safe_load(Path(path).read_text())
         ServeDeploySchema.model_validate(raw)  # the validation `serve run`/`serve deploy` applies
         application = raw["applications"][0]

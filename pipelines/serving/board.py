@@ -22,7 +22,6 @@ class EngineBoard:
     async def view(self) -> dict[str, dict[str, Any]]:
         """Replica id -> its latest report, for the replicas heard from in the last `STALE_AFTER_S`."""
         now = time.monotonic()
-        for replica, (at, _) in list(self._reports.items()):
-            if now - at > STALE_AFTER_S:
-                del self._reports[replica]
+        self._reports = {replica: (at, models) for replica, (at, models) in self._reports.items()
+                         if now - at <= STALE_AFTER_S}
         return {replica: models for replica, (_, models) in self._reports.items()}

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -52,11 +53,9 @@ async def _error_answer(request: Request, error: Exception) -> JSONResponse:
     return api_error(error, AppSettings().retry_after_s).response()
 
 
-def _json_body(schema: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI of a JSON body the handler parses itself (bounded read, `model_validate_json`)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
-
-
+# OpenAPI of the bodies the handlers read themselves (bounded read, then `model_validate_json` or the multipart parser)
+_GENERATE_DOC = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": GenerateBody.model_json_schema()}}}}
 _MULTIPART_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["audio"],
     "properties": {"audio": {"type": "string", "format": "binary", "description": "wav/flac/ogg/... file"},
@@ -83,8 +82,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 def request_id(request: Request) -> str:
     """Serve's id of this request (the client's X-Request-Id, or one the proxy made up; the proxy also puts it in
     the response's X-Request-Id), so that access logs, engine requests and clients agree."""
-    from ray.serve.context import _get_serve_request_context
-
     given = _get_serve_request_context().request_id or request.headers.get("x-request-id", "")
     return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
 
@@ -138,7 +135,7 @@ class AudioGenIngress:
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.post("/v1/generate", summary="Text to audio (whole file, or streamed with stream=true)",
-              openapi_extra=_json_body(GenerateBody),
+              openapi_extra=_GENERATE_DOC,
               responses={200: {"content": {"audio/wav": {}, "audio/flac": {}, "audio/ogg": {}}}})
     async def generate(self, request: Request) -> Response:
         body = self._routed(GenerateBody.model_validate_json(await read_body(request, MAX_JSON_BODY)))

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from typing import Any
 
+import ray
 from ray.serve import metrics
 
 from audiogen.engine import EngineSnapshot
@@ -109,8 +110,6 @@ class EngineMetrics:
 
 def node_metrics_url() -> str:
     """Where Ray exports this node's metrics (Prometheus text)."""
-    import ray
-
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"

@@ -23,12 +23,15 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from audiogen.engine import Engine, EngineSnapshot, GenerationRequest, GenerationResult
+from audiogen.engine.cpu import reserve_cores_for_engine
 from audiogen.errors import InvalidRequestError, QueueFullError
 from audiogen.io import SUPPORTED_FORMATS, OggStreamEncoder, encode_audio, pcm_bytes, read_audio, wav_stream_header
+from audiogen.loading import open_model
 from audiogen.model import AudioEdit, AudioGen
 from audiogen.sampling_params import MAX_GUIDANCE, MAX_SEED, MAX_TEMPERATURE
 
@@ -68,12 +71,6 @@ class LoadedModel:
     engine: Engine
     info: dict[str, Any]
     closed: bool = False
-
-    def check_room(self) -> None:
-        """503 before spending anything on an upload when the engine is full (its submit is the real bound)."""
-        snapshot = self.engine.snapshot()
-        if snapshot.in_flight >= snapshot.capacity:
-            raise QueueFullError(snapshot.max_queued)
 
     def prepare_edit(self, body: ContinueBody | InpaintBody, upload: bytes, request_id: str | None) -> AudioEdit:
         """Decode the upload, build the mask, encode the codes (blocking: run in a worker thread)."""
@@ -124,10 +121,6 @@ class AudioGenEngine:
     by reference and the replica runs this module's code."""
 
     async def __init__(self, args: dict[str, Any], board: DeploymentHandle) -> None:
-        import torch
-
-        from audiogen.engine.cpu import reserve_cores_for_engine
-
         self.settings = AppSettings.from_args(args)
         self.table = self.settings.model_table()
         self.device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,8 +140,6 @@ class AudioGenEngine:
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     def _open(self, model_id: str) -> LoadedModel:
-        from audiogen.loading import open_model
-
         s = self.settings
         model = open_model(self.table[model_id], backend=s.backend, text_encoder=s.text_encoder, device=self.device,
                            dtype=s.dtype)
@@ -241,7 +232,9 @@ class AudioGenEngine:
                     request_id: str | None) -> Clip:
         body = schema.model_validate(body)
         loaded = await self._model(resolve_model(body.model, self.table))
-        loaded.check_room()
+        snapshot = loaded.engine.snapshot()
+        if snapshot.in_flight >= snapshot.capacity:  # 503 before spending anything on the upload (submit is the bound)
+            raise QueueFullError(snapshot.max_queued)
         edit = await asyncio.to_thread(loaded.prepare_edit, body, upload, request_id)
         result = await loaded.engine.generate(edit.request)
 
