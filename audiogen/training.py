@@ -40,9 +40,7 @@ CHECKPOINT_FORMAT = "audiogen-train"
 CHECKPOINT_VERSION = 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Configuration
 @dataclass
 class TrainingConfig:
     """Optimisation settings; defaults are audiocraft's AudioGen recipe except where noted."""
@@ -96,9 +94,7 @@ class TrainingConfig:
         return cls(**values)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Batches
 @dataclass
 class Batch:
     """One micro-batch: LM inputs, next-position targets and which targets count, plus the captions."""
@@ -167,9 +163,7 @@ def drop_conditions(captions: Sequence[str], p: float, mode: str, generator: tor
     return ["" if float(d) < p else c for c, d in zip(captions, draws)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Loss
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable
@@ -209,9 +203,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, wei
     return LossOutput(loss, per_codebook.detach(), ce_sum.detach(), count.detach())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Modules
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Modules
 class ConditionedLM(nn.Module):
     """The trainable part: the text projection and the LM, in one module for DDP/FSDP.
 
@@ -281,9 +273,7 @@ class CaptionEncoder:
         return hidden.to(self.device), mask.to(self.device)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Optimizer
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Optimizer
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices and embeddings (>= 2-D), none on biases and norm gains (nanoGPT's split;
     audiocraft decays everything, which pulls LayerNorm gains towards zero)."""
@@ -298,9 +288,7 @@ def build_optimizer(module: nn.Module, config: TrainingConfig) -> torch.optim.Op
                              eps=config.eps, fused=any(p.is_cuda for p in module.parameters()) or None)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The training state
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- The training state
 class TrainState(Stepper):
     """The LM's `Stepper`: a micro-batch is a `Batch` whose captions go through condition dropout (seeded by
     seed, rank, step and micro-batch, so a resumed run drops the same ones), the frozen T5 and the LM under
@@ -401,9 +389,7 @@ def read_checkpoint_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(directory) / CHECKPOINT_META_FILE).read_text())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Building models to train and exporting them
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------- Building models to train and exporting them
 def scratch_config(preset: str, base: AudioGenConfig, text_dim: int, **overrides: Any) -> AudioGenConfig:
     """A `preset` LM size whose codec-facing fields (rates, codebooks, card, delays) and text encoder come from
     the base model that supplies the T5 and the codec; `overrides` change anything else."""
@@ -488,7 +474,8 @@ def load_text_encoder_of(spec: str) -> tuple[nn.Module, Any]:
         return random_text_encoder(_tiny_seed(spec))
     root = Path(spec).expanduser()
     config = root / "config.json"
-    if (root / "text_encoder").is_dir() and config.exists() and json.loads(config.read_text()).get("format") == "audiogen":
+    native = config.exists() and json.loads(config.read_text()).get("format") == "audiogen"
+    if native and (root / "text_encoder").is_dir():
         return load_text_encoder(root / "text_encoder")
     model = load_base_model(spec)
     model.close()

@@ -92,11 +92,11 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
 
 
 def save_tiny_model(seed: int = 0) -> Path:
-    """The deterministic tiny random model of `audiogen.testing` in a temp directory (audiogen format): the model
+    """The deterministic tiny random model of `audiogen.scratch` in a temp directory (audiogen format): the model
     the tiny render and serve benchmarks were measured with (it was the embedded default then)."""
     import tempfile
 
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     directory = Path(tempfile.mkdtemp(prefix="bench-tiny-")) / "model"
     with tiny_model(seed=seed, device="cpu") as model:
@@ -113,7 +113,7 @@ def save_random_musicgen(size: str, *, seed: int = 0, window: float = 10.0,
                               MusicgenForConditionalGeneration)
 
     from audiogen.config import PRESETS
-    from audiogen.testing import tiny_t5_config, tiny_tokenizer
+    from audiogen.scratch import small_t5_config as tiny_t5_config, word_tokenizer as tiny_tokenizer
 
     preset = {**PRESETS[size], **(dims or {})}
     card = preset.get("card", 2048)

@@ -1,6 +1,6 @@
 """CPU latency and throughput of the PyTorch and ONNX (onnxruntime) backends through the same engine.
 
-The same weights (`audiogen.testing.tiny_model(seed=0, size=SIZE)`: the LM of preset SIZE with the tiny T5 and
+The same weights (`audiogen.scratch.random_model(seed=0, size=SIZE)`: the LM of preset SIZE with the tiny T5 and
 EnCodec) are saved in the native format and exported with `export_onnx`; each backend is then measured in a fresh
 process (no shared thread pools):
 - latency: one request of `--latency-duration` s alone in the engine (median of `--repeats`), with the mean
@@ -93,7 +93,7 @@ def _best(runs: list[dict]) -> dict:
 
 def prepare(size: str, root: Path) -> tuple[Path, Path, dict]:
     from audiogen.onnx import export_onnx
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     model = tiny_model(seed=0, size=size)
     try:

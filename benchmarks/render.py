@@ -1,7 +1,7 @@
 """Batch rendering throughput: this pipeline vs a plain `map_batches` with static batching of the same model.
 
 A mixed-duration manifest (default 1,000 rows, durations uniform in [low, high] s) rendered on a local Ray
-instance with the tiny random model of `audiogen.testing` (`--model` for another checkpoint), to local disk:
+instance with the tiny random model of `audiogen.scratch` (`--model` for another checkpoint), to local disk:
 - `audiogen render`: `pipelines.render` (async engine actors holding 2-4x their slots in rows, continuous
   batching across batch boundaries, exactly-once commit of audio + metadata);
 - `static map_batches`: a plain callable class that generates each Ray Data batch as one static batch (every

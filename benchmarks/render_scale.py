@@ -1,7 +1,7 @@
 """Batch rendering at manifest scale: this design vs the previous one (a base commit), in the same run.
 
 Each measurement runs `audiogen render` as its own command (`python -m audiogen.cli render ...`, a fresh local
-Ray, the tiny random model of `audiogen.testing`, 0.1 s clips, local disk) with the code of this tree, then with
+Ray, the tiny random model of `audiogen.scratch`, 0.1 s clips, local disk) with the code of this tree, then with
 the code of `--base` checked out into a temporary git worktree:
 - time from the command's start to the first committed clip (a metadata part) and the driver's peak RSS, on
   manifests of `--sizes` rows (the command is stopped at its first commit or after `--limit-s`);

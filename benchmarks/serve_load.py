@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="engine threads (default: the replica's CPUs; 1 is steadier on a busy machine)")
     parser.add_argument("--size", default="tiny", choices=["demo", "tiny", "small", "medium", "large"],
-                        help="demo: the embedded demo model; tiny: the tiny random model of audiogen.testing; "
+                        help="demo: the embedded demo model; tiny: the tiny random model of audiogen.scratch; "
                              "others: random weights of that size")
     parser.add_argument("--model", default=None, help="checkpoint directory (overrides --size)")
     parser.add_argument("--request-timeout", type=float, default=120.0)

@@ -41,7 +41,7 @@ COLUMNS = ["size", "lm_params_m", "workers", "cpus_per_worker", "device", "batch
 
 def make_base(directory: Path) -> Path:
     """A tiny-T5/tiny-codec model with AudioGen's 4 x 2048 codebooks, saved for the workers to load."""
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
     from audiogen.training import single_thread
 
     with single_thread():

@@ -112,9 +112,7 @@ class CodecInfo:
         return self.sample_rate / self.hop_length
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pure helpers (no Ray): manifest, segmenting, the codes table format
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------- Pure helpers (no Ray): manifest, segmenting, the codes table format
 def segment_key(source: str, segment: int) -> str:
     return f"{source}#{int(segment)}"
 
@@ -231,9 +229,7 @@ def load_codec(spec: str, storage_options: dict[str, Any] | None = None) -> Any:
     return load_base_model(spec).codec
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Ray stages
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Ray stages
 def read_and_segment(batch: pa.Table, *, options: EncodeOptions, info: CodecInfo,
                      partial: dict[str, list[int]]) -> dict[str, np.ndarray]:
     """Ray Data map task: read, resample and segment each file of `batch`; unusable files -> `errors/`."""
@@ -314,9 +310,7 @@ class SegmentEncoder:
         return {"shard": np.asarray([shard], dtype=object), "segments": np.asarray([len(kept)], dtype=np.int64)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Driver
 def existing_state(storage: Any) -> tuple[dict[str, set[int]], dict[str, int], set[str], set[str]]:
     """(segments written per id, n_segments per id, ids with an error row, codec checksums seen)."""
     errors = storage.read_tables("errors", columns=["id"])

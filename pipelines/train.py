@@ -116,9 +116,7 @@ class TrainOptions:
         return TrainingConfig.from_dict(values)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Data
 def data_files(url: str, storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
     """The codes shards under `url` (its `codes/` when it is an encode output, else the Parquet files it names) as
     (pyarrow filesystem, paths on it), what Ray Data and pyarrow read."""
@@ -167,9 +165,7 @@ def build_datasets(options: TrainOptions) -> dict[str, Any]:
     return datasets
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The per-worker training loop
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- The per-worker training loop
 def _all_reduce(values: list[float], device: Any) -> list[float]:
     """Element-wise sum over the workers (the `reduce` of `audiogen.train_loop`)."""
     import torch
@@ -286,9 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "text_cache": {"hits": captions.hits, "misses": captions.misses}}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Driver
 def run_train(options: TrainOptions) -> dict[str, Any]:
     """Train (resuming the run `options.name` in `options.storage` if it has checkpoints), export, summarise."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -207,7 +207,7 @@ def _composed_config(*, dim: int, num_heads: int, num_layers: int, n_q: int, car
 
 
 def random_hf_musicgen(seed: int = 0, **options: Any) -> MusicgenForConditionalGeneration:
-    """`tests.hf_fixture.tiny_hf_musicgen` (T5 matching `audiogen.testing.tiny_tokenizer`, text width 32, decoder
+    """`tests.hf_fixture.tiny_hf_musicgen` (T5 matching `audiogen.scratch.word_tokenizer`, text width 32, decoder
     width 64, 2 layers, 4 heads, 64 codes) whose decoder weights are all distinct random values, LayerNorms too,
     so that swapping two norms or two projections in a key mapping changes the numbers."""
     model, _ = tiny_hf_musicgen(seed, **options)

@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny():
     """The deterministic tiny model (shared: tests must not mutate it)."""
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     model = tiny_model(seed=0)
     yield model

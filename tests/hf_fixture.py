@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration)
 
-from audiogen.testing import tiny_t5_config, tiny_tokenizer
+from audiogen.scratch import small_t5_config as tiny_t5_config, word_tokenizer as tiny_tokenizer
 
 CARD = 64
 

@@ -15,7 +15,7 @@ import pytest
 
 from audiogen.data import synth
 from audiogen.eval import audio_metrics as metrics
-from audiogen.testing import tiny_tokenizer, word_list
+from audiogen.scratch import word_tokenizer as tiny_tokenizer, word_list
 
 SR = synth.SAMPLE_RATE
 

@@ -20,7 +20,7 @@ from audiogen.sampling_params import SamplingParams
 from audiogen.codec import build_encodec
 from audiogen.errors import CheckpointError, MissingCheckpointFileError
 from audiogen.patterns import build_delay_pattern
-from audiogen.testing import tiny_tokenizer
+from audiogen.scratch import word_tokenizer as tiny_tokenizer
 from tests.audiocraft_codec_fixture import write_audiocraft_compression, write_pretrained_reference
 from tests.audiocraft_lm_fixture import random_hf_musicgen, write_audiocraft_lm, xp_cfg_for_hf
 from tests.test_hf_parity import captured_codes

@@ -190,7 +190,7 @@ def test_engine_argument_and_memory_checks(tiny):
 
 @pytest.mark.slow
 def test_compiled_step_gives_the_same_codes():
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     eager, compiled = tiny_model(seed=3), tiny_model(seed=3)
     request = GenerationRequest(prompt="a bell", duration=0.4, sampling=SamplingParams(seed=2, top_k=0, top_p=0.9))

@@ -6,7 +6,7 @@ import torch
 
 from audiogen import AudioGen, AudioGenConfig, GenerationRequest, InvalidRequestError
 from audiogen.sampling_params import SamplingParams
-from audiogen.testing import tiny_model
+from audiogen.scratch import random_model as tiny_model
 
 
 def test_generate_returns_float32_clips(tiny):

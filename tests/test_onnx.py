@@ -195,7 +195,7 @@ def test_cli_generate_with_onnx_backend(onnx_dir, tmp_path, capsys):
 
 def test_stereo_export_matches_torch(tmp_path):
     from audiogen.onnx import export_onnx
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     model = tiny_model(seed=1, audio_channels=2)
     try:

@@ -225,7 +225,7 @@ def test_processor_in_a_users_pipeline_keeps_their_columns(ray_local, tmp_path):
 @pytest.mark.slow
 def test_render_with_the_onnx_backend_matches_torch(ray_local, tmp_path):
     from audiogen.onnx.export import export_onnx
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     model = tiny_model(seed=0)
     try:

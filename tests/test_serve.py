@@ -58,7 +58,7 @@ def _wait_for(check, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def checksums(tmp_path_factory) -> dict[str, tuple[str, str]]:
     """Model id -> (directory, checksum) of the two tiny models."""
-    from audiogen.testing import tiny_model
+    from audiogen.scratch import random_model as tiny_model
 
     saved = {}
     for model_id, seed in (("default", 0), ("other", 1)):
