@@ -218,6 +218,7 @@ class Engine:
                 raise self._closed_error()
             # requests waiting for a slot that is already free are not "queued": the next step admits them
             if len(self._queue) >= self.max_queued + self.batch.free:
+                self.stats.rejected += 1
                 raise QueueFullError(self.max_queued)
             self._queue.append(handle)
             self._wake.notify()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 @dataclass
 class EngineStats:
     cancelled: int = 0
+    rejected: int = 0
     steps: int = 0
     step_seconds: float = 0.0
     audio_seconds: float = 0.0
